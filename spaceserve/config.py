@@ -1,0 +1,76 @@
+"""Engine settings as frozen dataclasses; `EngineConfig` bundles them with the resolved model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from spaceserve.core.errors import ConfigError
+from spaceserve.models.config import ImageProcessorConfig, ModelConfig
+
+EncoderPolicy = Literal["fcfs", "twsrft"]
+MultiplexMode = Literal["time"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks: int | None = None
+    """Fixes the number of KV blocks; otherwise sized from memory (gpu_memory_utilization or kv_cache_memory_bytes)."""
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    """On CPU, the KV cache gets this many bytes (default 1 GiB, capped by what max_num_seqs x max_model_len need)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ConfigError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 1:
+            raise ConfigError("max_num_batched_tokens, max_num_seqs and max_model_len must be >= 1")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    policy: EncoderPolicy = "fcfs"
+    window_s: float = 0.05
+    """twsrft: requests arriving within one window of this length are ordered by remaining patches."""
+    budget_tokens: int = 8192
+    """Encoder output tokens per batch; a single larger item still runs, alone."""
+    cache_tokens: int = 16384
+    """Capacity of the encoder cache in embedding rows; an image needing more is rejected."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "twsrft"):
+            raise ConfigError(f"encoder policy must be 'fcfs' or 'twsrft', got {self.policy!r}")
+        if self.window_s < 0 or self.budget_tokens < 1 or self.cache_tokens < 1:
+            raise ConfigError("encoder window_s must be >= 0 and budget_tokens, cache_tokens >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    model_config: ModelConfig
+    image_config: ImageProcessorConfig
+    model_dir: str | None
+    load_format: Literal["auto", "dummy"] = "auto"
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    multiplex: MultiplexMode = "time"
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 16})
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -1,0 +1,157 @@
+"""The Qwen2 language model with M-RoPE, over a paged KV cache. Shared by Qwen2-VL and Qwen2.5-VL."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spaceserve.layers.attention import AttentionBackend, AttentionMetadata
+from spaceserve.layers.norm import RMSNorm
+from spaceserve.layers.rotary import MRotaryEmbedding, apply_rotary
+from spaceserve.models.config import TextConfig
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, cos, sin, kv_cache, metadata: AttentionMetadata, backend: AttentionBackend):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache, metadata, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# checkpoint name -> (our parameter name, shard index) for the projections we fuse
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class Qwen2LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(positions, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, metadata, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Names relative to the language model (`layers.0.self_attn.q_proj.weight`, `embed_tokens.weight`,
+        `norm.weight`) plus `lm_head.weight`."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding is the head
+            target, shard = _fused_target(name)
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in the language model")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    _check_shape(name, param.shape, tensor.shape)
+                    param.copy_(tensor)
+                else:
+                    start, size = self._shard_range(target, shard)
+                    _check_shape(name, param[start : start + size].shape, tensor.shape)
+                    param[start : start + size].copy_(tensor)
+            loaded.add(name)
+        return loaded
+
+    def _shard_range(self, target: str, shard: int) -> tuple[int, int]:
+        if "qkv_proj" in target:
+            q = self.cfg.num_attention_heads * self.cfg.head_dim
+            kv = self.cfg.num_key_value_heads * self.cfg.head_dim
+            return [(0, q), (q, kv), (q + kv, kv)][shard]
+        return shard * self.cfg.intermediate_size, self.cfg.intermediate_size
+
+    def expected_checkpoint_names(self) -> set[str]:
+        """Every checkpoint tensor name this model needs, with fused projections listed by their parts."""
+        names = set()
+        for name, _ in self.named_parameters():
+            parts = [original for original, (fused, _) in _FUSED.items() if f".{fused}." in name]
+            if parts:
+                fused = _FUSED[parts[0]][0]
+                names.update(name.replace(f".{fused}.", f".{original}.") for original in parts)
+            else:
+                names.add(name)
+        return names
+
+
+def _fused_target(name: str) -> tuple[str, int | None]:
+    for original, (fused, shard) in _FUSED.items():
+        marker = f".{original}."
+        if marker in name:
+            return name.replace(marker, f".{fused}."), shard
+    return name, None
+
+
+def _check_shape(name: str, expected: torch.Size, got: torch.Size) -> None:
+    if expected != got:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(got)}, the model expects {tuple(expected)}")

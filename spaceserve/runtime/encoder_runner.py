@@ -1,0 +1,21 @@
+"""Runs the vision tower over one EncoderBatch and returns each image's embedding rows by content hash."""
+
+from __future__ import annotations
+
+import torch
+
+from spaceserve.core.scheduler_output import EncoderBatch
+
+
+class EncoderRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, batch: EncoderBatch) -> dict[str, torch.Tensor]:
+        pixel_values = torch.cat([item.pixel_values for item in batch.items]).to(self.device, non_blocking=True)
+        grid_thw = torch.tensor([item.grid_thw for item in batch.items], dtype=torch.long, device=self.device)
+        embeddings = self.model.encode_images(pixel_values, grid_thw)
+        rows = embeddings.split([item.num_tokens for item in batch.items])
+        return {item.mm_hash: row for item, row in zip(batch.items, rows)}

@@ -1,0 +1,174 @@
+"""The language-model scheduler: continuous batching with chunked prefill under a token budget, prefix-cache hits,
+preemption by recompute when KV blocks run out, and prefill that stops just before an image whose embeddings are
+not ready yet. The encoder has its own scheduler; this one only asks it for work and checks readiness."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from spaceserve.config import SchedulerConfig
+from spaceserve.core.request import Request, RequestStatus
+from spaceserve.core.scheduler_output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
+from spaceserve.kvcache.encoder_cache import EncoderCache
+from spaceserve.kvcache.kv_manager import KVCacheManager
+from spaceserve.sched.encoder_scheduler import EncoderScheduler
+from spaceserve.sched.stop import check_stop
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        encoder_cache: EncoderCache,
+        encoder_scheduler: EncoderScheduler,
+    ) -> None:
+        self.config = config
+        self.kv_manager = kv_manager
+        self.encoder_cache = encoder_cache
+        self.encoder_scheduler = encoder_scheduler
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests in and out -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a validated request and start encoding the images its cached prefix does not already cover."""
+        for feature in request.mm_features:
+            self.encoder_cache.check_fits(feature.num_tokens)
+        covered = self.kv_manager.num_cached_prefix_tokens(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        for index, feature in enumerate(request.mm_features):
+            if feature.placeholder.end > covered:
+                self.encoder_scheduler.request_encoding(request, index)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            finished.append(request)
+        return finished
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[str] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            start = request.num_computed_tokens
+            num_new = self._limit_to_ready_images(request, start, min(request.num_tokens - start, budget))
+            if num_new <= 0:
+                index += 1
+                continue
+            while not self.kv_manager.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break
+            scheduled.append(self._scheduled(request, start, num_new))
+            budget -= num_new
+            index += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        blocked_on_images: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.popleft()
+            hit_blocks, num_hit = self.kv_manager.get_computed_blocks(request)
+            num_new = self._limit_to_ready_images(request, num_hit, min(request.num_tokens - num_hit, budget))
+            if num_new <= 0:
+                blocked_on_images.append(request)
+                continue
+            if not self.kv_manager.allocate_slots(request, num_new, hit_blocks, num_hit):
+                self.waiting.appendleft(request)
+                break
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_hit, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(blocked_on_images))
+        return budget
+
+    def _limit_to_ready_images(self, request: Request, start: int, num_new: int) -> int:
+        """Cut the token range [start, start + num_new) just before the first image that is not encoded yet."""
+        for index, feature in request.mm_features_overlapping(start, start + num_new):
+            self.encoder_scheduler.request_encoding(request, index)  # holds a reference; queues it if evicted
+            if not self.encoder_cache.is_ready(feature.mm_hash):
+                return feature.placeholder.offset - start
+        return num_new
+
+    def _scheduled(self, request: Request, start: int, num_new: int) -> ScheduledSequence:
+        return ScheduledSequence(request, start, num_new, self.kv_manager.block_ids(request.request_id))
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- results -------------------------------------------------------------------------------------------
+
+    def update_from_output(self, scheduled: SchedulerOutput, output: ModelRunnerOutput) -> list[Request]:
+        """Advance every scheduled request; returns those that got a token (finished ones included)."""
+        updated = []
+        for seq in scheduled.sequences:
+            request = seq.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens = seq.end
+            self.kv_manager.cache_blocks(request, seq.end)
+            self._release_consumed_images(request)
+            token = output.sampled_token_ids.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            status = check_stop(request, self.config.max_model_len)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    def _release_consumed_images(self, request: Request) -> None:
+        for feature in request.mm_features:
+            if feature.placeholder.end <= request.num_computed_tokens:
+                self.encoder_cache.release(feature.mm_hash, request.request_id)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv_manager.free(request)
+        self.encoder_scheduler.cancel(request.request_id)
+        del self.requests[request.request_id]

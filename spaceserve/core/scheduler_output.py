@@ -16,15 +16,12 @@ class ScheduledSequence:
     num_computed_tokens: int
     num_scheduled_tokens: int
     block_ids: tuple[int, ...]
+    samples: bool
+    """The chunk reaches the last known token, so it produces the next one; earlier prefill chunks don't."""
 
     @property
     def end(self) -> int:
         return self.num_computed_tokens + self.num_scheduled_tokens
-
-    @property
-    def samples(self) -> bool:
-        """A chunk that reaches the last known token produces the next token; earlier prefill chunks don't."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass(frozen=True)

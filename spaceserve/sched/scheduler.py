@@ -130,7 +130,8 @@ class Scheduler:
         return num_new
 
     def _scheduled(self, request: Request, start: int, num_new: int) -> ScheduledSequence:
-        return ScheduledSequence(request, start, num_new, self.kv_manager.block_ids(request.request_id))
+        block_ids = self.kv_manager.block_ids(request.request_id)
+        return ScheduledSequence(request, start, num_new, block_ids, samples=start + num_new == request.num_tokens)
 
     def _preempt(self, request: Request) -> None:
         self.kv_manager.free(request)

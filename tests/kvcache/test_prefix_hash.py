@@ -78,7 +78,8 @@ def test_identical_tokens_different_image_differ_from_the_image_on():
     extend_block_hashes(first, BLOCK)
     extend_block_hashes(second, BLOCK)
     assert first.block_hashes[0] == second.block_hashes[0]  # block 0 ends before the image
-    assert all(a != b for a, b in zip(first.block_hashes[1:], second.block_hashes[1:]))
+    assert all(a != b for a, b in zip(first.block_hashes[1:], second.block_hashes[1:], strict=True))
+    assert len(first.block_hashes) == 4
 
     same_image = make_request("c", 4 * BLOCK, images=[(20, 24, "cat")], seed=5)
     extend_block_hashes(same_image, BLOCK)

@@ -126,3 +126,24 @@ def test_rejects_grid_that_does_not_match_pixels() -> None:
         tower(torch.randn(10, config.vision.patch_dim), torch.tensor([[1, 4, 4]]))
     with pytest.raises(InvalidInputError, match="multiples of 2"):
         tower(torch.randn(15, config.vision.patch_dim), torch.tensor([[1, 3, 5]]))
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+def test_tower_loads_from_saved_checkpoint(tmp_path: Path, architecture: str) -> None:
+    from safetensors.torch import load_file
+
+    from tests.tiny_checkpoints import load_reference_model, make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "ckpt", architecture, seed=4, sharded=True)
+    config = ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+    tower_class = Qwen2VisionTransformer if architecture == "qwen2_vl" else Qwen2_5_VisionTransformer
+    tower = tower_class(config.vision).eval()
+    checkpoint = {name: t for file in path.glob("*.safetensors") for name, t in load_file(file).items()}
+    vision = [(vision_weight_name(name), t) for name, t in checkpoint.items() if vision_weight_name(name)]
+    assert tower.load_weights(vision) == set(dict(tower.named_parameters()))
+
+    grid_thw = torch.tensor([[1, 10, 14], [1, 4, 6]])
+    pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), config.vision.patch_dim)
+    with torch.no_grad():
+        expected = load_reference_model(path).model.visual(pixel_values, grid_thw=grid_thw).pooler_output
+        torch.testing.assert_close(tower(pixel_values, grid_thw), expected, atol=2e-5, rtol=1e-5)

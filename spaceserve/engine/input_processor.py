@@ -12,7 +12,8 @@ from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.models.mrope import mrope_positions
-from spaceserve.multimodal.image import hash_image, load_image, preprocess_image
+from spaceserve.multimodal.hashing import hash_image
+from spaceserve.multimodal.image import load_image, preprocess_image
 from spaceserve.tokenizer.base import Tokenizer
 
 PromptType = Union[str, Mapping[str, Any]]

@@ -55,20 +55,6 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ConfigError(f"unsupported vision hidden_act {name!r}; known: {sorted(_ACTIVATIONS)}") from None
 
 
-class RMSNorm(nn.Module):
-    """Normalises in float32 and scales after casting back, as the reference does."""
-
-    def __init__(self, hidden_size: int, eps: float = VISION_NORM_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class PatchEmbed(nn.Module):
     """The checkpoint's Conv3d has kernel == stride over one flattened patch, so it is a plain matmul.
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.core.errors import ConfigError
+from spaceserve.layers.norm import RMSNorm
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
     PatchEmbed,
     PatchMerger,
-    RMSNorm,
     VisionAttention,
     activation,
     check_vision_inputs,

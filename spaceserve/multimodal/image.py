@@ -14,7 +14,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
 
 import numpy as np
 import PIL
@@ -24,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.models.config import ImageProcessorConfig
 
-ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray]
+ImageInput = Image.Image | np.ndarray | str | os.PathLike[str] | bytes | bytearray | memoryview
 
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_ASPECT_RATIO = 200
@@ -71,7 +70,7 @@ def _check_dimensions(width: int, height: int, max_image_pixels: int) -> None:
         raise InvalidInputError(f"image aspect ratio {ratio:.1f} ({width}x{height}) exceeds {MAX_ASPECT_RATIO}")
 
 
-def _read_file(path: str | os.PathLike) -> bytes:
+def _read_file(path: str | os.PathLike[str]) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()

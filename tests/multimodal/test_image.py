@@ -124,7 +124,7 @@ def test_preprocess_rejects_inverted_pixel_limits() -> None:
 def test_resize_is_bit_exact_with_pillow_bicubic(size: tuple[int, int], new_size: tuple[int, int]) -> None:
     """(width, height) pairs; torch's own uint8 antialiased bicubic is off by up to 5 levels on such cases."""
     image = random_rgb(np.random.default_rng(sum(size)), size[1], size[0])
-    expected = np.asarray(image.resize(new_size, Image.BICUBIC))
+    expected = np.asarray(image.resize(new_size, Image.Resampling.BICUBIC))
 
     ours = resize_bicubic_like_pillow(torch.from_numpy(np.array(image)), new_size[1], new_size[0])
 

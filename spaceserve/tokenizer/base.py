@@ -16,6 +16,10 @@ class IncrementalDetokenizer(Protocol):
         """The new text this id completes; empty while a multi-byte character is still incomplete."""
         ...
 
+    def finish(self) -> str:
+        """End of the stream: the text still held back, an incomplete trailing character as U+FFFD."""
+        ...
+
     @property
     def text(self) -> str: ...
 

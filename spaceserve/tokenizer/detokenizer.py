@@ -14,11 +14,24 @@ class HFDetokenizer:
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._held_back: list[int] = []  # ids since the stream last produced text
         self._text = ""
 
     def step(self, token_id: int) -> str:
-        piece = self._stream.step(self._tokenizer, token_id) or ""  # None: nothing decodable yet (or unknown id)
+        piece = self._stream.step(self._tokenizer, token_id)  # None: nothing decodable yet (or an unknown id)
+        if piece is None:
+            self._held_back.append(token_id)
+            return ""
+        self._held_back.clear()
+        self._text += piece
+        return piece
+
+    def finish(self) -> str:
+        """End of the stream: what DecodeStream still holds, decoded as a whole decode() would (U+FFFD)."""
+        piece = self._tokenizer.decode(self._held_back, skip_special_tokens=self._skip_special_tokens)
+        self._held_back.clear()
         self._text += piece
         return piece
 

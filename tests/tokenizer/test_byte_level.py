@@ -80,6 +80,13 @@ def test_incremental_detokenizer_joins_split_characters(tokenizer: ByteLevelToke
     assert [detokenizer.step(token_id) for token_id in "🙂".encode()] == ["", "", "", "🙂"]
 
 
+def test_finish_flushes_an_incomplete_character(tokenizer: ByteLevelTokenizer) -> None:
+    detokenizer = tokenizer.new_detokenizer()
+    assert [detokenizer.step(token_id) for token_id in b"ok\xe4\xbd"] == ["o", "k", "", ""]
+    assert detokenizer.finish() == "\ufffd" and detokenizer.text == "ok\ufffd"
+    assert detokenizer.finish() == ""
+
+
 def test_skipped_special_inside_a_character_is_invisible(tokenizer: ByteLevelTokenizer) -> None:
     skipping = tokenizer.new_detokenizer(skip_special_tokens=True)
     assert [skipping.step(token_id) for token_id in (0xC3, 258, 0xA9)] == ["", "", "é"]

@@ -119,6 +119,20 @@ def test_incremental_detokenizer_streams_whole_characters(tokenizer: HFTokenizer
     assert detokenizer.step(258) == ""  # special tokens are skipped by default
 
 
+def test_stream_plus_finish_equals_decode_on_random_ids(tokenizer: HFTokenizer) -> None:
+    """Random ids include broken UTF-8 (lone continuation bytes, truncated characters) between specials."""
+    rng = random.Random(3)
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(TINY_VOCAB_SIZE), rng.randrange(128, 256)]) for _ in range(12)]
+        for skip in (True, False):
+            detokenizer = tokenizer.new_detokenizer(skip)
+            streamed = "".join(detokenizer.step(token_id) for token_id in ids) + detokenizer.finish()
+            assert streamed == detokenizer.text == tokenizer.decode(ids, skip_special_tokens=skip)
+    detokenizer = tokenizer.new_detokenizer()
+    assert [detokenizer.step(token_id) for token_id in b"ok\xe4\xbd"] == ["o", "k", "", ""]
+    assert detokenizer.finish() == "\ufffd" and detokenizer.text == "ok\ufffd"
+
+
 def test_eos_falls_back_to_the_model_config_and_template_to_the_builtin(tmp_path: Path) -> None:
     write_tiny_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()

@@ -37,6 +37,8 @@ class OutputProcessor:
         for request in requests:
             state = self._states[request.request_id]
             self._advance_text(request, state)
+            if request.is_finished and state.stopped_on is None:
+                state.text += state.detokenizer.finish()  # an incomplete trailing character becomes U+FFFD
             if state.stopped_on is not None and request.stop_reason is None:
                 request.stop_reason = state.stopped_on
                 stopped.append(request.request_id)

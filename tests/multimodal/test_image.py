@@ -76,9 +76,9 @@ def test_preprocess_matches_transformers_pil_processor(height: int, width: int) 
 @pytest.mark.parametrize("min_pixels,max_pixels", [(28 * 28 * 16, 28 * 28 * 64), (28 * 28 * 100, 28 * 28 * 400)])
 def test_per_request_pixel_limits_match_transformers(min_pixels: int, max_pixels: int) -> None:
     image = random_rgb(np.random.default_rng(7), 333, 517)
-    reference = transformers_qwen2_vl.Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(
-        images=image, return_tensors="pt"
-    )
+    # limits per call: transformers 5.17's constructor would rewrite the class-wide default for later tests
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    reference = transformers_qwen2_vl.Qwen2VLImageProcessorPil()(images=image, size=size, return_tensors="pt")
 
     ours = preprocess_image(image, CFG, min_pixels=min_pixels, max_pixels=max_pixels)
 

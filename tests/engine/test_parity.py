@@ -75,3 +75,26 @@ def test_prefix_cache_hits_keep_tokens_identical(case):
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
     assert stats.hits > hits_before
     llm.llm_engine.check_idle_integrity()
+
+
+def test_sharded_checkpoint_with_nested_text_config_loads_identically(case, tmp_path):
+    path, prompts, expected = case
+    architecture = "qwen2_5_vl" if "qwen2_5_vl" in path.name else "qwen2_vl"
+    sharded = make_tiny_checkpoint(tmp_path / "sharded", architecture, seed=11, sharded=True, nested_text_config=True)
+    write_tiny_tokenizer(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert _tokens(LLM(str(sharded)).generate(prompts, GREEDY)) == expected
+
+
+def test_text_prompt_goes_through_the_checkpoint_tokenizer(case):
+    from transformers import AutoTokenizer
+
+    path, prompts, _ = case
+    text = "Describe <|vision_start|><|image_pad|><|vision_end|> en détail, s'il vous plaît."
+    reference_ids = AutoTokenizer.from_pretrained(path).encode(text)
+    llm = LLM(str(path))
+    assert llm.get_tokenizer().encode(text) == reference_ids
+    images = prompts[1]["multi_modal_data"]["image"]
+    expected = reference_generate(load_reference_model(path), reference_processor(), reference_ids, images)
+    outputs = llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, GREEDY)
+    assert _tokens(outputs) == [expected]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -23,10 +24,11 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    llm = LLM(args.model, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.5)
+    llm = LLM(args.model, load_format="dummy", dtype=args.dtype, max_model_len=4096, gpu_memory_utilization=0.5)
     build_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     sides = [448, 896, 1344]
@@ -48,8 +50,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": os.environ.get("SPACESERVE_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "model": args.model,
+        "dtype": str(llm.llm_engine.dtype),
         "requests": args.requests,
         "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
         "build_s": round(build_s, 2),

@@ -17,6 +17,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size; overrides the above")
     parser.add_argument("--encoder-policy", default="fcfs", choices=["fcfs", "twsrft"])
     parser.add_argument("--multiplex", default="time", choices=["time"])
 
@@ -33,6 +35,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         encoder_policy=args.encoder_policy,
         multiplex=args.multiplex,
     )

@@ -20,7 +20,8 @@ class CacheConfig:
     """Fixes the number of KV blocks; otherwise sized from memory (gpu_memory_utilization or kv_cache_memory_bytes)."""
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
-    """On CPU, the KV cache gets this many bytes (default 1 GiB, capped by what max_num_seqs x max_model_len need)."""
+    """The KV cache gets this many bytes on any device (gpu_memory_utilization is then ignored). Default on CPU:
+    1 GiB, capped at what max_num_seqs x max_model_len need."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -22,16 +22,17 @@ def plan_num_blocks(
     if cache.num_gpu_blocks is not None:
         return cache.num_gpu_blocks
     per_block = kv_bytes_per_block(text, cache.block_size, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free - torch.cuda.memory_allocated(device)
-        budget = int(total * cache.gpu_memory_utilization) - torch.cuda.memory_allocated(device) - used_by_others
-    else:
-        budget = cache.kv_cache_memory_bytes or _DEFAULT_CPU_KV_BYTES
-        blocks_per_seq = -(-scheduler.max_model_len // cache.block_size)
-        budget = min(budget, blocks_per_seq * scheduler.max_num_seqs * per_block)
-    num_blocks = budget // per_block
     blocks_per_seq = -(-scheduler.max_model_len // cache.block_size)
+    if cache.kv_cache_memory_bytes is not None:
+        budget = cache.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # memory this process's allocator holds but does not use is ours to reuse; the rest is someone else's
+        used_by_others = total - free - torch.cuda.memory_reserved(device)
+        budget = int(total * cache.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated(device)
+    else:
+        budget = min(_DEFAULT_CPU_KV_BYTES, blocks_per_seq * scheduler.max_num_seqs * per_block)
+    num_blocks = max(budget, 0) // per_block
     if num_blocks < blocks_per_seq:
         raise ConfigError(
             f"the KV cache fits {num_blocks} blocks of {cache.block_size} tokens, fewer than one sequence of "

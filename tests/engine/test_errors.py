@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spaceserve import LLM, SamplingParams
+from spaceserve import SamplingParams
+from tests.llm_factory import make_llm
 from spaceserve.core.errors import InvalidInputError
 
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -17,7 +18,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("tiny-qwen2-vl", max_model_len=512, limit_mm_per_prompt={"image": 2}, encoder_cache_tokens=200)
+    return make_llm("tiny-qwen2-vl", max_model_len=512, limit_mm_per_prompt={"image": 2}, encoder_cache_tokens=200)
 
 
 def image(seed=0, size=(60, 80)):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spaceserve import LLM, SamplingParams
+from spaceserve import SamplingParams
+from tests.llm_factory import TEST_KV_CACHE_BYTES, make_llm
 from spaceserve.cli import main
 
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -17,7 +18,7 @@ PAD = "<|vision_start|><|image_pad|><|vision_end|>"
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("tiny-qwen2-vl", max_model_len=512)
+    return make_llm("tiny-qwen2-vl", max_model_len=512)
 
 
 def image(seed=0):
@@ -78,7 +79,8 @@ def test_chat_accepts_openai_style_image_parts(llm):
 def test_cli_generate_prints_the_greedy_answer(llm, tmp_path, capsys):
     path = tmp_path / "picture.png"
     Image.fromarray(image(5)).save(path)
-    assert main(["generate", "tiny-qwen2-vl", "--image", str(path), "--prompt", "Describe", "--max-tokens", "4"]) == 0
+    args = ["generate", "tiny-qwen2-vl", "--image", str(path), "--prompt", "Describe", "--max-tokens", "4"]
+    assert main(args + ["--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES)]) == 0
     printed = capsys.readouterr().out
     messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Describe"}]}]
     expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, seed=0))[0].outputs[0].text
@@ -86,5 +88,6 @@ def test_cli_generate_prints_the_greedy_answer(llm, tmp_path, capsys):
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
-    assert main(["generate", "tiny-qwen2-vl", "--image", "/no/such.png", "--prompt", "x"]) == 2
+    args = ["generate", "tiny-qwen2-vl", "--image", "/no/such.png", "--prompt", "x"]
+    assert main(args + ["--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES)]) == 2
     assert "such.png" in capsys.readouterr().err

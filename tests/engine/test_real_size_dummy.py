@@ -3,11 +3,12 @@
 import numpy as np
 import torch
 
-from spaceserve import LLM, SamplingParams
+from spaceserve import SamplingParams
+from tests.llm_factory import make_llm
 
 
 def test_qwen2_vl_2b_preset_generates_with_dummy_weights():
-    llm = LLM("Qwen/Qwen2-VL-2B-Instruct", load_format="dummy", max_model_len=512, max_num_seqs=4)
+    llm = make_llm("Qwen/Qwen2-VL-2B-Instruct", load_format="dummy", max_model_len=512, max_num_seqs=4)
     model = llm.llm_engine.model
     assert next(model.parameters()).dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) > 2_000_000_000

@@ -51,15 +51,17 @@ class ModelRunner:
         self._splice_image_embeddings(embeds, sequences, encoder_outputs)
         hidden = self.language_model(embeds, positions, self.kv_caches, metadata, self.backend)
 
-        sampling = [(i, s) for i, s in enumerate(sequences) if s.samples]
+        sampling, last_rows, end = [], [], 0
+        for seq in sequences:
+            end += seq.num_scheduled_tokens
+            if seq.samples:
+                sampling.append(seq)
+                last_rows.append(end - 1)
         if not sampling:
             return ModelRunnerOutput({})
-        last_rows = torch.tensor(
-            [sum(s.num_scheduled_tokens for s in sequences[: i + 1]) - 1 for i, _ in sampling], device=self.device
-        )
-        logits = self.language_model.compute_logits(hidden[last_rows])
-        tokens = sample(logits, [self._sampling_row(s) for _, s in sampling])
-        return ModelRunnerOutput({s.request.request_id: t for (_, s), t in zip(sampling, tokens)})
+        logits = self.language_model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
+        return ModelRunnerOutput({s.request.request_id: t for s, t in zip(sampling, tokens)})
 
     def _splice_image_embeddings(
         self, embeds: torch.Tensor, sequences: tuple[ScheduledSequence, ...], encoder_outputs: Mapping[str, torch.Tensor]

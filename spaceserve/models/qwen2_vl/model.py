@@ -9,10 +9,9 @@ from torch import nn
 
 from spaceserve.models.config import ModelConfig
 from spaceserve.models.qwen2_vl.language import Qwen2LanguageModel
+from spaceserve.models.vision_common import vision_weight_name
 
-# Published checkpoints name the tower `visual.*` and the LM `model.*`; transformers >= 4.52 saves
-# `model.visual.*` and `model.language_model.*`. Both load.
-_VISION_PREFIXES = ("model.visual.", "visual.")
+# Published checkpoints name the LM `model.*`; transformers 4.52-4.57 saved `model.language_model.*`. Both load.
 _LANGUAGE_PREFIXES = ("model.language_model.", "model.")
 
 
@@ -44,9 +43,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             if name.startswith("lm_head."):
                 language.append((name, tensor))
                 continue
-            prefix = next((p for p in _VISION_PREFIXES if name.startswith(p)), None)
-            if prefix is not None:
-                vision.append((name[len(prefix) :], tensor))
+            vision_name = vision_weight_name(name)
+            if vision_name is not None:
+                vision.append((vision_name, tensor))
                 continue
             prefix = next((p for p in _LANGUAGE_PREFIXES if name.startswith(p)), None)
             if prefix is None:

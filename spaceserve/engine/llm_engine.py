@@ -90,9 +90,15 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._run_encoder()
+        encoded = self._run_encoder()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
+            if not encoded and not self.encoder_scheduler.has_work and self.has_unfinished_requests():
+                # time mode has no work in flight elsewhere: with no image queued, nothing can ever run
+                raise RuntimeError(
+                    f"engine stalled: {self.scheduler.num_waiting} waiting and {self.scheduler.num_running} running "
+                    f"requests, {self.encoder_scheduler.num_queued_items} images queued, none can be scheduled"
+                )
             return []
         now = time.monotonic()
         for seq in scheduled.sequences:
@@ -112,16 +118,17 @@ class LLMEngine:
                 self._forget(request)
         return outputs
 
-    def _run_encoder(self) -> None:
+    def _run_encoder(self) -> bool:
         batch = self.encoder_scheduler.schedule()
         for mm_hash in self.encoder_scheduler.pop_evicted():
             self.encoder_outputs.pop(mm_hash, None)
         if batch is None:
-            return
+            return False
         embeddings = self.encoder_runner.execute(batch)
         for mm_hash, rows in embeddings.items():
             self.encoder_outputs[mm_hash] = rows
             self.encoder_cache.mark_ready(mm_hash)
+        return True
 
     def _forget(self, request: Request) -> None:
         self.output_processor.remove_request(request.request_id)

@@ -71,7 +71,6 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
-        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
 
     @property

@@ -11,7 +11,7 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
-from spaceserve.models.mrope import mrope_positions
+from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
 from spaceserve.multimodal.image import load_image, preprocess_image
 from spaceserve.tokenizer.base import Tokenizer
@@ -36,15 +36,7 @@ class InputProcessor:
                 f"prompt is {len(token_ids)} tokens (with images expanded), leaving no room to generate within "
                 f"max_model_len={self.config.scheduler.max_model_len}"
             )
-        positions, delta = mrope_positions(
-            token_ids,
-            [f.grid_thw for f in features],
-            [],
-            image_token_id=self.model_config.image_token_id,
-            video_token_id=self.model_config.video_token_id,
-            vision_start_token_id=self.model_config.vision_start_token_id,
-            spatial_merge_size=self.model_config.vision.spatial_merge_size,
-        )
+        positions, delta = mrope_positions_for_config(token_ids, [f.grid_thw for f in features], [], self.model_config)
         return Request(
             request_id,
             token_ids,

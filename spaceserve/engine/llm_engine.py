@@ -100,10 +100,6 @@ class LLMEngine:
                     f"requests, {self.encoder_scheduler.num_queued_items} images queued, none can be scheduled"
                 )
             return []
-        now = time.monotonic()
-        for seq in scheduled.sequences:
-            if seq.request.first_scheduled_time is None:
-                seq.request.first_scheduled_time = now
         runner_output = self.model_runner.execute(scheduled, self.encoder_outputs)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         now = time.monotonic()

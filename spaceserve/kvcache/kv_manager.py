@@ -136,10 +136,6 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> tuple[int, ...]:
         return tuple(block.block_id for block in self._tables.get(request_id, ()))
 
-    def num_allocated_tokens(self, request_id: str) -> int:
-        """Token slots the request's table covers."""
-        return len(self._tables.get(request_id, ())) * self.block_size
-
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes; only when no request holds blocks (returns False otherwise)."""
         return self.pool.reset_prefix_cache()

@@ -26,10 +26,6 @@ class ResolvedModel:
     def has_weights(self) -> bool:
         return any(self.directory.glob("*.safetensors"))
 
-    @property
-    def has_tokenizer(self) -> bool:
-        return (self.directory / "tokenizer.json").is_file()
-
 
 def preset_names() -> list[str]:
     return sorted(p.name for p in PRESETS_DIR.iterdir() if (p / "config.json").is_file())

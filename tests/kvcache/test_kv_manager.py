@@ -1,9 +1,8 @@
 import random
 
-from spaceserve.core import MultiModalFeature, PlaceholderRange, Request, SamplingParams
 from spaceserve.kvcache.kv_manager import KVCacheManager
+from tests.kvcache.requests import request_with_images
 
-IMAGE_PAD = 151655
 BLOCK = 16
 
 
@@ -13,14 +12,7 @@ def random_tokens(num_tokens, seed):
 
 
 def make_request(request_id, tokens, images=()):
-    tokens = list(tokens)
-    features = []
-    for offset, length, mm_hash in images:
-        tokens[offset : offset + length] = [IMAGE_PAD] * length
-        features.append(
-            MultiModalFeature(mm_hash, "image", PlaceholderRange(offset, length), 4 * length, (1, 2, 2 * length))
-        )
-    return Request(request_id, tokens, SamplingParams(), mm_features=features, arrival_time=0.0)
+    return request_with_images(request_id, tokens, images)
 
 
 def prefill(manager, request):

@@ -1,23 +1,14 @@
 import random
 
-from spaceserve.core import MultiModalFeature, PlaceholderRange, Request, SamplingParams
 from spaceserve.kvcache.prefix_hash import block_extra_keys, extend_block_hashes, hash_block
+from tests.kvcache.requests import request_with_images
 
-IMAGE_PAD = 151655
 BLOCK = 16
 
 
 def make_request(request_id, num_tokens, images=(), seed=0):
-    """`images`: (offset, length, mm_hash); placeholder spans are filled with the image pad token."""
     rng = random.Random(seed)
-    tokens = [rng.randrange(1, 150_000) for _ in range(num_tokens)]
-    features = []
-    for offset, length, mm_hash in images:
-        tokens[offset : offset + length] = [IMAGE_PAD] * length
-        features.append(
-            MultiModalFeature(mm_hash, "image", PlaceholderRange(offset, length), 4 * length, (1, 2, 2 * length))
-        )
-    return Request(request_id, tokens, SamplingParams(), mm_features=features, arrival_time=0.0)
+    return request_with_images(request_id, [rng.randrange(1, 150_000) for _ in range(num_tokens)], images)
 
 
 def test_hash_is_deterministic_and_sensitive_to_every_input():

@@ -72,6 +72,11 @@ class EngineConfig:
     seed: int = 0
     multiplex: MultiplexMode = "time"
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 16})
+    attention_backend: str = "auto"
+    """auto: triton on CUDA, the torch reference elsewhere."""
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
+    """Decode batch sizes captured as CUDA graphs; None: a ladder up to max_num_seqs."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -71,7 +71,12 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []
+        # timestamps (time.monotonic) behind the per-request metrics: queue time, encoder wait, TTFT, latency
+        self.first_scheduled_time: float | None = None
+        self.encoder_enqueued_time: float | None = None
+        self.encoder_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.finished_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

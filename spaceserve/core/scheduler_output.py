@@ -43,6 +43,8 @@ class EncoderBatch:
     """Images the encoder runner embeds together; each lands in the encoder cache under its mm_hash."""
 
     items: tuple[MultiModalFeature, ...]
+    request_ids: frozenset[str] = frozenset()
+    """The requests waiting for these items (for their encoder-wait metric)."""
 
     @property
     def num_tokens(self) -> int:

@@ -33,7 +33,7 @@ from spaceserve.tokenizer import load_tokenizer
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model_config)
@@ -54,7 +54,7 @@ class LLMEngine:
         self.encoder_cache = EncoderCache(config.encoder.cache_tokens)
         self.encoder_scheduler = EncoderScheduler(config.encoder, self.encoder_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_cache, self.encoder_scheduler)
-        backend = get_attention_backend(attention_backend)
+        backend = get_attention_backend(config.attention_backend, self.device)
         self.model_runner = ModelRunner(self.model, kv_caches, config.cache.block_size, backend, self.device)
         self.encoder_runner = EncoderRunner(self.model, self.device)
         self.encoder_outputs: dict[str, torch.Tensor] = {}
@@ -79,6 +79,9 @@ class LLMEngine:
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
         aborted = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        now = time.monotonic()
+        for request in aborted:
+            request.finished_time = now
         outputs = [self.output_processor.make_output(r) for r in aborted]
         for request in aborted:
             self._forget(request)
@@ -108,6 +111,9 @@ class LLMEngine:
                 request.first_token_time = now
         stopped = self.output_processor.update_text(updated)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for request in updated:
+            if request.is_finished:
+                request.finished_time = now
         outputs = [self.output_processor.make_output(r) for r in updated]
         for request in updated:
             if request.is_finished:
@@ -120,6 +126,11 @@ class LLMEngine:
             self.encoder_outputs.pop(mm_hash, None)
         if batch is None:
             return False
+        now = time.monotonic()
+        for request_id in batch.request_ids:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                request.encoder_scheduled_time = now
         embeddings = self.encoder_runner.execute(batch)
         for mm_hash, rows in embeddings.items():
             self.encoder_outputs[mm_hash] = rows

@@ -18,6 +18,15 @@ class _TextState:
     stopped_on: str | None = None
 
 
+_TIMESTAMPS = (
+    "first_scheduled_time",
+    "encoder_enqueued_time",
+    "encoder_scheduled_time",
+    "first_token_time",
+    "finished_time",
+)
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -54,8 +63,10 @@ class OutputProcessor:
             stop_reason=request.stop_reason,
         )
         metrics = {"arrival_time": request.arrival_time}
-        if request.first_token_time is not None:
-            metrics["first_token_time"] = request.first_token_time
+        for name in _TIMESTAMPS:
+            value = getattr(request, name)
+            if value is not None:
+                metrics[name] = value
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,

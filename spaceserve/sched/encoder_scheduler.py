@@ -75,6 +75,8 @@ class EncoderScheduler:
         if item is None:
             item = EncoderWorkItem(feature=feature, enqueue_time=self.clock())
             self._queue[feature.mm_hash] = item
+        if request.encoder_enqueued_time is None:
+            request.encoder_enqueued_time = self.clock()
         if request_id in item.waiters:
             return
         if self._window_origin is None:
@@ -111,6 +113,7 @@ class EncoderScheduler:
         if not self._queue:
             return None
         batch: list[MultiModalFeature] = []
+        waiting: set[str] = set()
         batch_tokens = 0
         for mm_hash in self._ordered_hashes():
             item = self._queue[mm_hash]
@@ -122,8 +125,9 @@ class EncoderScheduler:
             self._evicted.extend(self.cache.allocate(mm_hash, num_tokens, item.waiters.keys()))
             self._dequeue(mm_hash)
             batch.append(item.feature)
+            waiting.update(item.waiters)
             batch_tokens += num_tokens
-        return EncoderBatch(items=tuple(batch)) if batch else None
+        return EncoderBatch(items=tuple(batch), request_ids=frozenset(waiting)) if batch else None
 
     def pop_evicted(self) -> list[str]:
         """Hashes the encoder cache evicted since the last call: their tensors can be dropped."""

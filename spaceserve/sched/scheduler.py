@@ -4,6 +4,8 @@ not ready yet. The encoder has its own scheduler; this one only asks it for work
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 
 from spaceserve.config import SchedulerConfig
@@ -116,6 +118,8 @@ class Scheduler:
                 break
             request.num_computed_tokens = num_hit
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_hit, num_new))
             budget -= num_new

@@ -1,0 +1,140 @@
+"""EngineArgs: every user-facing engine setting in one frozen dataclass, shared by LLM, AsyncLLM and the CLI.
+
+`create_engine_config` resolves the model (directory, Hub cache or preset) and turns the flat arguments into the
+nested frozen configs the engine reads; `add_cli_args` / `from_cli_args` give `spaceserve generate|serve|bench` the
+same flags with the same defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from spaceserve.config import CacheConfig, EncoderConfig, EngineConfig, SchedulerConfig
+from spaceserve.core.errors import ConfigError
+from spaceserve.models.resolve import TINY_PRESETS, resolve_model
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    limit_mm_per_prompt: dict[str, int] | None = field(default=None, hash=False)
+    encoder_policy: str = "fcfs"
+    encoder_window_s: float = 0.05
+    encoder_budget_tokens: int | None = None
+    encoder_cache_tokens: int | None = None
+    multiplex: str = "time"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def create_engine_config(self) -> EngineConfig:
+        resolved = resolve_model(self.model)
+        load_format = self.load_format
+        if load_format == "auto" and not resolved.has_weights:
+            if resolved.name.split("/")[-1] not in TINY_PRESETS:
+                raise ConfigError(
+                    f"{self.model!r} has no weights here (no downloads); pass load_format='dummy' for random weights"
+                )
+            load_format = "dummy"  # the tiny presets exist to run without weights
+        if self.multiplex != "time":
+            raise ConfigError(f"multiplex mode {self.multiplex!r} is not available yet; this build runs 'time'")
+        max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
+        image = resolved.image_config
+        largest_image_tokens = image.max_pixels // (image.factor**2)
+        return EngineConfig(
+            model=self.model,
+            model_config=resolved.model_config,
+            image_config=image,
+            model_dir=str(resolved.directory),
+            load_format=load_format,  # type: ignore[arg-type]
+            dtype=self.dtype,
+            device=self.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            seed=self.seed,
+            multiplex=self.multiplex,  # type: ignore[arg-type]
+            limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
+            attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
+            cuda_graph_sizes=self.cuda_graph_sizes,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_gpu_blocks=self.num_gpu_blocks_override,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_num_seqs=self.max_num_seqs,
+                max_model_len=max_model_len,
+            ),
+            encoder=EncoderConfig(
+                policy=self.encoder_policy,  # type: ignore[arg-type]
+                window_s=self.encoder_window_s,
+                budget_tokens=self.encoder_budget_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
+                cache_tokens=self.encoder_cache_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
+            ),
+        )
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", help="a Hugging Face model directory, a Hub cache name, or a preset (tiny-qwen2-vl)")
+        parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+        parser.add_argument("--dtype", default="auto")
+        parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+        parser.add_argument("--max-num-seqs", type=int, default=256)
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size; overrides the above")
+        parser.add_argument(
+            "--limit-mm-per-prompt",
+            type=_parse_limits,
+            default=None,
+            help="most items of each modality per prompt, e.g. image=4,video=1",
+        )
+        parser.add_argument("--encoder-policy", default="fcfs", choices=["fcfs", "twsrft"])
+        parser.add_argument("--encoder-window-s", type=float, default=0.05)
+        parser.add_argument("--encoder-budget-tokens", type=int, default=None)
+        parser.add_argument("--encoder-cache-tokens", type=int, default=None)
+        parser.add_argument("--multiplex", default="time", choices=["time"])
+        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--enforce-eager", action="store_true", help="never run the decode step as a CUDA graph")
+        parser.add_argument(
+            "--cuda-graph-sizes",
+            type=lambda text: tuple(int(size) for size in text.split(",")),
+            default=None,
+            help="decode batch sizes to capture, e.g. 1,2,4,8,16 (default: a ladder up to max-num-seqs)",
+        )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _parse_limits(text: str) -> dict[str, int]:
+    limits = {}
+    for item in text.split(","):
+        modality, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected modality=count pairs like image=4,video=1, got {text!r}")
+        limits[modality.strip()] = int(count)
+    return limits

@@ -73,9 +73,16 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
         request = self.input_processor.process(request_id, prompt, params or SamplingParams())
+        self.add_processed_request(request)
+        return request
+
+    def add_processed_request(self, request: Request) -> None:
+        """Queue a request `input_processor` already built (AsyncLLM processes inputs off the engine thread).
+        Raises InvalidInputError, engine untouched, if the id is in use or an image cannot fit the encoder cache."""
+        if request.request_id in self.scheduler.requests:
+            raise InvalidInputError(f"request id {request.request_id!r} is already in use")
         self.scheduler.add_request(request)
         self.output_processor.add_request(request)
-        return request
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
         aborted = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)

@@ -1,19 +1,139 @@
-"""OpenAI-style chat messages -> messages for the chat template plus the images they carry, in order."""
+"""OpenAI-style chat messages -> messages for the chat template plus the images they carry, in order; and the
+policy for where those images may come from (MediaConnector), shared by LLM.chat and the server."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from spaceserve.core.errors import InvalidInputError
 
+DEFAULT_MAX_MEDIA_BYTES = 20 << 20
+DEFAULT_MEDIA_TIMEOUT_S = 10.0
 
-def parse_chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+
+@dataclass(frozen=True)
+class MediaConnector:
+    """Turns an image reference from a message into something `load_image` takes, under an explicit policy.
+
+    - data URLs (base64) are always accepted, up to `max_bytes` decoded;
+    - local files (file:// URLs or bare paths) only under `allowed_local_media_path` (None: refused), symlinks and
+      `..` resolved first;
+    - http(s) URLs only when `allow_http`, fetched with `timeout_s` for the whole download and `max_bytes`.
+    Objects that are already images (PIL images, arrays, bytes; offline callers only) pass through untouched.
+    """
+
+    allowed_local_media_path: str | None = None
+    allow_http: bool = False
+    max_bytes: int = DEFAULT_MAX_MEDIA_BYTES
+    timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.timeout_s <= 0:
+            raise ValueError("MediaConnector needs max_bytes >= 1 and timeout_s > 0")
+
+    @classmethod
+    def offline(cls) -> MediaConnector:
+        """LLM.chat's policy: the caller owns the machine, so any local path is fine; nothing is fetched."""
+        return cls(allowed_local_media_path="/")
+
+    def fetch(self, source: Any) -> Any:
+        if not isinstance(source, str):
+            return source
+        if source.startswith("data:"):
+            return self._from_data_url(source)
+        parsed = urlparse(source)
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise InvalidInputError(f"file URLs must name a local path, got host {parsed.netloc!r}")
+            return self._from_local_file(unquote(parsed.path))
+        if parsed.scheme in ("http", "https"):
+            return self._from_http(source)
+        if parsed.scheme == "":
+            return self._from_local_file(source)
+        raise InvalidInputError(f"unsupported image URL scheme {parsed.scheme!r}; use data:, file:// or http(s)://")
+
+    def _from_data_url(self, url: str) -> bytes:
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise InvalidInputError("image data URLs must be base64-encoded (data:image/png;base64,...)")
+        if len(payload) * 3 // 4 > self.max_bytes:
+            raise InvalidInputError(f"image data URL holds more than the limit of {self.max_bytes} bytes")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInputError("image data URL holds invalid base64") from None
+
+    def _from_local_file(self, path: str) -> bytes:
+        if self.allowed_local_media_path is None:
+            raise InvalidInputError(
+                "local image files are not allowed; the server must be started with --allowed-local-media-path DIR "
+                "to read images under DIR"
+            )
+        resolved = Path(path).expanduser().resolve()
+        allowed = Path(self.allowed_local_media_path).expanduser().resolve()
+        if not resolved.is_relative_to(allowed):
+            raise InvalidInputError(f"image file {path} is outside the allowed local media path {allowed}")
+        try:
+            with open(resolved, "rb") as file:
+                data = file.read(self.max_bytes + 1)
+        except FileNotFoundError:
+            raise InvalidInputError(f"image file not found: {path}") from None
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+        if len(data) > self.max_bytes:
+            raise InvalidInputError(f"image file {path} is larger than the limit of {self.max_bytes} bytes")
+        return data
+
+    def _from_http(self, url: str) -> bytes:
+        if not self.allow_http:
+            raise InvalidInputError(
+                "http(s) image URLs are not fetched here; send a data URL, or start the server with "
+                "--allow-http-media"
+            )
+        import httpx
+
+        deadline = time.monotonic() + self.timeout_s
+        chunks, size = [], 0
+        try:
+            with httpx.Client(timeout=self.timeout_s, follow_redirects=True) as client:
+                with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise InvalidInputError(f"fetching image {url} failed: HTTP {response.status_code}")
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > self.max_bytes:
+                        raise InvalidInputError(f"image at {url} is larger than the limit of {self.max_bytes} bytes")
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise InvalidInputError(
+                                f"image at {url} is larger than the limit of {self.max_bytes} bytes"
+                            )
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("deadline passed")
+                        chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise InvalidInputError(f"fetching image {url} timed out after {self.timeout_s} s") from None
+        except httpx.HTTPError as exc:
+            raise InvalidInputError(f"fetching image {url} failed: {exc}") from None
+        return b"".join(chunks)
+
+
+def parse_chat_messages(
+    messages: list[dict[str, Any]],
+    media: MediaConnector | None = None,
+    max_images: int | None = None,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Template messages and the images in order. Image references are checked against `max_images` before any
+    is fetched, then fetched under `media`'s policy (default: MediaConnector.offline())."""
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list of {'role', 'content'} dicts")
-    template_messages, images = [], []
+    template_messages, sources = [], []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise InvalidInputError(f"message {index} must be a dict with 'role' and 'content'")
@@ -29,34 +149,28 @@ def parse_chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, 
             if kind == "text":
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             elif kind in ("image_url", "image", "image_pil"):
-                images.append(_image_from_part(part, kind))
+                sources.append(_image_source(part, kind, index))
                 parts.append({"type": "image"})
             else:
                 raise InvalidInputError(f"message {index}: unsupported content part {kind!r}")
         template_messages.append({"role": message["role"], "content": parts})
+    if max_images is not None and len(sources) > max_images:
+        raise InvalidInputError(f"{len(sources)} images in one prompt exceed limit_mm_per_prompt image={max_images}")
+    media = media or MediaConnector.offline()
+    images = []
+    for number, source in enumerate(sources):
+        try:
+            images.append(media.fetch(source))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"image {number}: {exc}") from None
     return template_messages, images
 
 
-def _image_from_part(part: dict[str, Any], kind: str) -> Any:
+def _image_source(part: dict[str, Any], kind: str, message_index: int) -> Any:
     if kind != "image_url":
         return part.get(kind)
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str):
-        raise InvalidInputError("image_url needs a 'url' string")
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise InvalidInputError("data URLs for images must be base64-encoded")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInputError("image data URL holds invalid base64") from None
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme in ("http", "https"):
-        raise InvalidInputError("http(s) image URLs are not fetched offline; pass bytes, a path or a data URL")
-    if parsed.scheme == "":
-        return url
-    raise InvalidInputError(f"unsupported image URL scheme {parsed.scheme!r}")
+        raise InvalidInputError(f"message {message_index}: image_url needs a 'url' string")
+    return url

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from spaceserve.core.errors import ConfigError
 from spaceserve.models.config import ImageProcessorConfig, ModelConfig
@@ -61,6 +61,24 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    max_duration_s: float = 3600.0
+    """Longer videos are rejected when the request arrives."""
+    decode_workers: int = 4
+    """Threads of the decode stage (each runs one video's decode + sampling + preprocessing at a time)."""
+    decode_backend: str = "auto"
+    cache_bytes: int = 1 << 30
+    """Capacity of the cache of processed videos (on the engine's device), least recently used evicted."""
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Server-wide mm_processor_kwargs (fps, num_frames, min_frames, max_frames, min_pixels, max_pixels,
+    max_video_tokens); a request's own mm_processor_kwargs override them."""
+
+    def __post_init__(self) -> None:
+        if self.max_duration_s <= 0 or self.decode_workers < 1 or self.cache_bytes < 0:
+            raise ConfigError("video max_duration_s must be > 0, decode_workers >= 1 and cache_bytes >= 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     model_config: ModelConfig
@@ -80,3 +98,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)

@@ -77,6 +77,11 @@ class Request:
         self.encoder_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
+        self.video_decode_start_time: float | None = None
+        self.video_decode_end_time: float | None = None
+        # (index in mm_features, opaque decode job) for each video whose frames input processing left to the
+        # decode stage; the engine admits the request to the scheduler once the list is empty
+        self.pending_mm_work: list[tuple[int, Any]] = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,6 +98,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    def set_mm_feature(self, index: int, feature: MultiModalFeature) -> None:
+        """Fill in a video the decode stage finished (same span, now with its content hash and pixel values)."""
+        old = self.mm_features[index]
+        if feature.placeholder != old.placeholder or feature.grid_thw != old.grid_thw:
+            raise ValueError(f"feature {index} changed shape: {old.grid_thw} at {old.placeholder} -> {feature}")
+        self.mm_features[index] = feature
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -1,10 +1,15 @@
-"""Turns a user prompt (text or token ids, plus images) into a validated Request: tokenize, load and preprocess
-each image, expand every `<|image_pad|>` to the image's token count, and compute M-RoPE positions."""
+"""Turns a user prompt (text or token ids, plus images and videos) into a validated Request: tokenize, load and
+preprocess each image, probe and size each video (its frames are decoded later by the decode stage), expand every
+`<|image_pad|>` / `<|video_pad|>` to the item's token count, and compute M-RoPE positions."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
+
+import numpy as np
+import torch
 
 from spaceserve.config import EngineConfig
 from spaceserve.core.errors import InvalidInputError
@@ -14,10 +19,14 @@ from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
 from spaceserve.multimodal.image import load_image, preprocess_image
+from spaceserve.multimodal.video.inputs import VIDEO_KWARGS, ResolvedVideo, VideoSettings, resolve_video
 from spaceserve.tokenizer.base import Tokenizer
 
 PromptType = Union[str, Mapping[str, Any]]
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+DEFAULT_LIMIT_PER_PROMPT = {"image": 16, "video": 999}
+"""Used for a modality limit_mm_per_prompt does not name (999 is vLLM v1's default per modality)."""
+PENDING_VIDEO_HASH = "pending-video:"
 
 
 class InputProcessor:
@@ -28,16 +37,23 @@ class InputProcessor:
         self.tokenizer = tokenizer
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Request:
-        text, token_ids, images, processor_kwargs = self._parse(prompt)
-        features_in = [self._preprocess(image, processor_kwargs, i) for i, image in enumerate(images)]
-        token_ids, features = self._expand_placeholders(token_ids, features_in)
+        """Build the request. Videos are only probed here: each leaves a decode job in `request.pending_mm_work`
+        (its feature has no pixel values yet) for the engine's decode stage."""
+        text, token_ids, mm_data, processor_kwargs = self._parse(prompt)
+        images_in = [self._preprocess(image, processor_kwargs, i) for i, image in enumerate(mm_data["image"])]
+        videos_in = [self._resolve_video(video, processor_kwargs, i) for i, video in enumerate(mm_data["video"])]
+        token_ids, features = self._expand_placeholders(token_ids, images_in, videos_in)
         if len(token_ids) >= self.config.scheduler.max_model_len:
             raise InvalidInputError(
-                f"prompt is {len(token_ids)} tokens (with images expanded), leaving no room to generate within "
-                f"max_model_len={self.config.scheduler.max_model_len}"
+                f"prompt is {len(token_ids)} tokens (with images and videos expanded), leaving no room to generate "
+                f"within max_model_len={self.config.scheduler.max_model_len}"
             )
-        positions, delta = mrope_positions_for_config(token_ids, [f.grid_thw for f in features], [], self.model_config)
-        return Request(
+        image_grids = [f.grid_thw for f in features if f.modality == "image"]
+        video_grids = [f.grid_thw for f in features if f.modality == "video"]
+        positions, delta = mrope_positions_for_config(
+            token_ids, image_grids, video_grids, self.model_config, [v.second_per_grid_t for v in videos_in]
+        )
+        request = Request(
             request_id,
             token_ids,
             params,
@@ -47,8 +63,11 @@ class InputProcessor:
             mrope_position_delta=delta,
             prompt=text,
         )
+        video_indices = [i for i, f in enumerate(request.mm_features) if f.modality == "video"]
+        request.pending_mm_work = [(i, video.work) for i, video in zip(video_indices, videos_in)]
+        return request
 
-    def _parse(self, prompt: PromptType) -> tuple[str | None, list[int], list[Any], dict[str, Any]]:
+    def _parse(self, prompt: PromptType) -> tuple[str | None, list[int], dict[str, list[Any]], dict[str, Any]]:
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
         if not isinstance(prompt, Mapping):
@@ -67,12 +86,15 @@ class InputProcessor:
             token_ids = self._check_token_ids(prompt["prompt_token_ids"])
         if not token_ids:
             raise InvalidInputError("the prompt is empty")
-        images = self._images(prompt.get("multi_modal_data") or {})
-        kwargs = dict(prompt.get("mm_processor_kwargs") or {})
-        unknown_kwargs = set(kwargs) - {"min_pixels", "max_pixels"}
+        mm_data = self._mm_items(prompt.get("multi_modal_data") or {})
+        request_kwargs = prompt.get("mm_processor_kwargs") or {}
+        if not isinstance(request_kwargs, Mapping):
+            raise InvalidInputError("'mm_processor_kwargs' must be a dict")
+        kwargs = {**self.config.video.processor_kwargs, **request_kwargs}
+        unknown_kwargs = set(kwargs) - VIDEO_KWARGS
         if unknown_kwargs:
             raise InvalidInputError(f"unsupported mm_processor_kwargs {sorted(unknown_kwargs)}")
-        return text, token_ids, images, kwargs
+        return text, token_ids, mm_data, kwargs
 
     def _check_token_ids(self, token_ids: Any) -> list[int]:
         if not isinstance(token_ids, Sequence) or isinstance(token_ids, str):
@@ -84,19 +106,33 @@ class InputProcessor:
             raise InvalidInputError(f"prompt_token_ids holds {bad[0]!r}, not a token id in [0, {vocab})")
         return ids
 
-    def _images(self, mm_data: Mapping[str, Any]) -> list[Any]:
+    def _mm_items(self, mm_data: Mapping[str, Any]) -> dict[str, list[Any]]:
         if not isinstance(mm_data, Mapping):
-            raise InvalidInputError("'multi_modal_data' must be a dict like {'image': image_or_list}")
-        unsupported = set(mm_data) - {"image"}
+            raise InvalidInputError("'multi_modal_data' must be a dict like {'image': [...], 'video': [...]}")
+        unsupported = set(mm_data) - {"image", "video"}
         if unsupported:
-            raise InvalidInputError(f"unsupported modalities {sorted(unsupported)}; this engine takes 'image'")
-        images = mm_data.get("image", [])
-        if not isinstance(images, list):
-            images = [images]
-        limit = self.config.limit_mm_per_prompt.get("image", 0)
-        if len(images) > limit:
-            raise InvalidInputError(f"{len(images)} images in one prompt exceed limit_mm_per_prompt image={limit}")
-        return images
+            raise InvalidInputError(f"unsupported modalities {sorted(unsupported)}; this engine takes 'image' and 'video'")
+        items = {}
+        for modality in ("image", "video"):
+            value = mm_data.get(modality, [])
+            # one video may itself be a list of frames: a list of videos is a list whose items are not frames
+            if modality == "video" and isinstance(value, list) and value and not _is_video_list(value):
+                value = [value]
+            values = value if isinstance(value, list) else [value]
+            limit = self.config.limit_mm_per_prompt.get(modality, DEFAULT_LIMIT_PER_PROMPT[modality])
+            if len(values) > limit:
+                raise InvalidInputError(
+                    f"{len(values)} {modality}s in one prompt exceed limit_mm_per_prompt {modality}={limit}"
+                )
+            items[modality] = values
+        return items
+
+    def _resolve_video(self, video: Any, kwargs: dict[str, Any], index: int) -> ResolvedVideo:
+        settings = VideoSettings.from_kwargs(kwargs, self.image_config.temporal_patch_size)
+        try:
+            return resolve_video(video, settings, self.image_config, self.config.video)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"video {index}: {exc}") from None
 
     def _preprocess(self, image: Any, kwargs: dict[str, Any], index: int) -> tuple[str, Any]:
         limits = {key: kwargs.get(key, getattr(self.image_config, key)) for key in ("min_pixels", "max_pixels")}
@@ -108,34 +144,52 @@ class InputProcessor:
         return hash_image(rgb, **limits), processed
 
     def _expand_placeholders(
-        self, token_ids: list[int], images: list[tuple[str, Any]]
+        self, token_ids: list[int], images: list[tuple[str, Any]], videos: list[ResolvedVideo]
     ) -> tuple[list[int], list[MultiModalFeature]]:
-        image_token = self.model_config.image_token_id
-        num_placeholders = token_ids.count(image_token)
-        if num_placeholders != len(images):
-            raise InvalidInputError(
-                f"the prompt has {num_placeholders} <|image_pad|> placeholders but {len(images)} images were given; "
-                "put one <|image_pad|> per image (the chat template does this)"
-            )
+        """Expand each `<|image_pad|>` / `<|video_pad|>` to its item's tokens, in prompt order."""
+        pad_tokens = {"image": self.model_config.image_token_id, "video": self.model_config.video_token_id}
+        for modality, items in (("image", images), ("video", videos)):
+            num_placeholders = token_ids.count(pad_tokens[modality])
+            if num_placeholders != len(items):
+                raise InvalidInputError(
+                    f"the prompt has {num_placeholders} <|{modality}_pad|> placeholders but {len(items)} {modality}s "
+                    f"were given; put one <|{modality}_pad|> per {modality} (the chat template does this)"
+                )
         expanded: list[int] = []
         features: list[MultiModalFeature] = []
-        image_iter = iter(images)
+        image_iter, video_iter = iter(images), iter(videos)
         for token in token_ids:
-            if token != image_token:
-                expanded.append(token)
-                continue
-            mm_hash, processed = next(image_iter)
-            placeholder = PlaceholderRange(len(expanded), processed.num_tokens)
-            expanded.extend([image_token] * processed.num_tokens)
-            features.append(
-                MultiModalFeature(
+            if token == pad_tokens["image"]:
+                mm_hash, processed = next(image_iter)
+                feature = MultiModalFeature(
                     mm_hash=mm_hash,
                     modality="image",
-                    placeholder=placeholder,
+                    placeholder=PlaceholderRange(len(expanded), processed.num_tokens),
                     num_patches=processed.num_patches,
                     grid_thw=processed.grid_thw,
                     pixel_values=processed.pixel_values,
                 )
-            )
+            elif token == pad_tokens["video"]:
+                plan = next(video_iter).plan
+                feature = MultiModalFeature(
+                    mm_hash=f"{PENDING_VIDEO_HASH}{len(features)}",  # the decode stage hashes the content
+                    modality="video",
+                    placeholder=PlaceholderRange(len(expanded), plan.num_tokens),
+                    num_patches=plan.num_patches,
+                    grid_thw=plan.grid_thw,
+                )
+            else:
+                expanded.append(token)
+                continue
+            expanded.extend([token] * feature.num_tokens)
+            features.append(feature)
         return expanded, features
 
+
+def _is_video_list(value: list[Any]) -> bool:
+    """Whether a 'video' list holds several videos (paths, bytes, TxHxWx3 arrays, frame lists) rather than the
+    frames of one video (PIL images or HxWx3 arrays)."""
+    first = value[0]
+    if isinstance(first, (str, os.PathLike, bytes, bytearray, memoryview, list, tuple)):
+        return True
+    return isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 4

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,14 +24,21 @@ from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.kvcache.encoder_cache import EncoderCache
 from spaceserve.kvcache.kv_manager import KVCacheManager
-from spaceserve.layers.attention import get_attention_backend
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.runtime.encoder_runner import EncoderRunner
-from spaceserve.runtime.kv_cache import allocate_kv_caches, plan_num_blocks
-from spaceserve.runtime.model_runner import ModelRunner
+from spaceserve.runtime.runner_setup import build_model_runner
+from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
 from spaceserve.sched.scheduler import Scheduler
 from spaceserve.tokenizer import load_tokenizer
+
+_IDLE_DECODE_WAIT_S = 0.01
+
+
+@dataclass
+class _PendingDecode:
+    request: Request
+    futures: list[tuple[int, Future[DecodedVideo]]]  # (index in request.mm_features, its decode job)
 
 
 class LLMEngine:
@@ -46,20 +55,26 @@ class LLMEngine:
             device=self.device,
             seed=config.seed,
         )
-        text = config.model_config.text
-        self.num_kv_blocks = plan_num_blocks(config.cache, config.scheduler, text, self.dtype, self.device)
-        kv_caches = allocate_kv_caches(text, self.num_kv_blocks, config.cache.block_size, self.dtype, self.device)
+        # profiles memory on CUDA, sizes and allocates the KV cache, captures decode CUDA graphs
+        self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device)
+        self.num_kv_blocks = self.memory_plan.num_kv_blocks
 
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.encoder_cache = EncoderCache(config.encoder.cache_tokens)
         self.encoder_scheduler = EncoderScheduler(config.encoder, self.encoder_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_cache, self.encoder_scheduler)
-        backend = get_attention_backend(config.attention_backend, self.device)
-        self.model_runner = ModelRunner(self.model, kv_caches, config.cache.block_size, backend, self.device)
         self.encoder_runner = EncoderRunner(self.model, self.device)
         self.encoder_outputs: dict[str, torch.Tensor] = {}
 
         self.input_processor = InputProcessor(config, self.tokenizer)
+        self.video_stage = VideoDecodeStage(
+            config.image_config,
+            self.device,
+            num_workers=config.video.decode_workers,
+            cache_bytes=config.video.cache_bytes,
+            backend=config.video.decode_backend,
+        )
+        self._decoding: dict[str, _PendingDecode] = {}  # requests whose videos the decode stage is still making
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -70,46 +85,74 @@ class LLMEngine:
     ) -> Request:
         """Validate and queue one request. Bad input raises InvalidInputError and leaves the engine untouched."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.scheduler.requests:
-            raise InvalidInputError(f"request id {request_id!r} is already in use")
+        self._check_id_free(request_id)
         request = self.input_processor.process(request_id, prompt, params or SamplingParams())
         self.add_processed_request(request)
         return request
 
     def add_processed_request(self, request: Request) -> None:
         """Queue a request `input_processor` already built (AsyncLLM processes inputs off the engine thread).
-        Raises InvalidInputError, engine untouched, if the id is in use or an image cannot fit the encoder cache."""
-        if request.request_id in self.scheduler.requests:
-            raise InvalidInputError(f"request id {request.request_id!r} is already in use")
+        Raises InvalidInputError, engine untouched, if the id is in use or an image cannot fit the encoder cache.
+        A request with videos still to decode waits outside the scheduler until the decode stage has them."""
+        self._check_id_free(request.request_id)
+        if request.pending_mm_work:
+            for feature in request.mm_features:
+                self.encoder_cache.check_fits(feature.num_tokens)
+            futures = [(index, self.video_stage.submit(work)) for index, work in request.pending_mm_work]
+            self._decoding[request.request_id] = _PendingDecode(request, futures)
+            return
         self.scheduler.add_request(request)
         self.output_processor.add_request(request)
 
+    def _check_id_free(self, request_id: str) -> None:
+        if request_id in self.scheduler.requests or request_id in self._decoding:
+            raise InvalidInputError(f"request id {request_id!r} is already in use")
+
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
-        aborted = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
         now = time.monotonic()
+        decode_aborted = []
+        for request_id in request_ids:
+            pending = self._decoding.pop(request_id, None)
+            if pending is not None:
+                for _, future in pending.futures:
+                    future.cancel()  # a job already running finishes into the decode cache, its result unused
+                pending.request.status = RequestStatus.FINISHED_ABORTED
+                pending.request.finished_time = now
+                decode_aborted.append(pending.request)
+        aborted = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
         for request in aborted:
             request.finished_time = now
-        outputs = [self.output_processor.make_output(r) for r in aborted]
+        outputs = [self.output_processor.make_output(r) for r in decode_aborted + aborted]
         for request in aborted:
             self._forget(request)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests
+        return self.scheduler.has_unfinished_requests or bool(self._decoding)
+
+    @property
+    def num_decoding(self) -> int:
+        """Requests waiting for the decode stage (not yet in the scheduler)."""
+        return len(self._decoding)
 
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        failed = self._admit_decoded()
         encoded = self._run_encoder()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
+            if self._decoding and not encoded and not self.encoder_scheduler.has_work:
+                # nothing else to run: wait a moment for a decode rather than spin (new work is picked up next step)
+                wait([f for p in self._decoding.values() for _, f in p.futures], _IDLE_DECODE_WAIT_S, FIRST_COMPLETED)
+                return failed
             if not encoded and not self.encoder_scheduler.has_work and self.has_unfinished_requests():
                 # time mode has no work in flight elsewhere: with no image queued, nothing can ever run
                 raise RuntimeError(
                     f"engine stalled: {self.scheduler.num_waiting} waiting and {self.scheduler.num_running} running "
                     f"requests, {self.encoder_scheduler.num_queued_items} images queued, none can be scheduled"
                 )
-            return []
+            return failed
         runner_output = self.model_runner.execute(scheduled, self.encoder_outputs)
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         now = time.monotonic()
@@ -125,7 +168,40 @@ class LLMEngine:
         for request in updated:
             if request.is_finished:
                 self._forget(request)
-        return outputs
+        return failed + outputs
+
+    def _admit_decoded(self) -> list[RequestOutput]:
+        """Queue the requests whose videos are all ready; finish those whose decode failed with an error output."""
+        failed = []
+        for request_id, pending in list(self._decoding.items()):
+            if not all(future.done() for _, future in pending.futures):
+                continue
+            del self._decoding[request_id]
+            request = pending.request
+            try:
+                decoded = [(index, future.result()) for index, future in pending.futures]
+            except Exception as exc:  # noqa: BLE001 - any decode failure ends this request only
+                request.status = RequestStatus.FINISHED_ERROR
+                request.finished_time = time.monotonic()
+                message = str(exc) if isinstance(exc, InvalidInputError) else f"video decoding failed: {exc!r}"
+                failed.append(self.output_processor.make_output(request, error=message))
+                continue
+            for index, video in decoded:
+                feature = request.mm_features[index]
+                pixel_values = video.processed.pixel_values
+                request.set_mm_feature(index, replace(feature, mm_hash=video.mm_hash, pixel_values=pixel_values))
+            request.video_decode_start_time = min(video.start_time for _, video in decoded)
+            request.video_decode_end_time = max(video.end_time for _, video in decoded)
+            request.pending_mm_work = []
+            try:
+                self.scheduler.add_request(request)
+            except InvalidInputError as exc:
+                request.status = RequestStatus.FINISHED_ERROR
+                request.finished_time = time.monotonic()
+                failed.append(self.output_processor.make_output(request, error=str(exc)))
+                continue
+            self.output_processor.add_request(request)
+        return failed
 
     def _run_encoder(self) -> bool:
         batch = self.encoder_scheduler.schedule()

@@ -19,6 +19,8 @@ class _TextState:
 
 
 _TIMESTAMPS = (
+    "video_decode_start_time",
+    "video_decode_end_time",
     "first_scheduled_time",
     "encoder_enqueued_time",
     "encoder_scheduled_time",

@@ -30,3 +30,15 @@ def hash_image(image: Image.Image, **processing_kwargs: int | float | str | None
     digest.update(palette_bytes)
     digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def hash_video(content: bytes | memoryview, kind: str, **settings: int | float | str | bool | None) -> str:
+    """Hex sha256 of a video: its encoded bytes (kind "bytes") or raw frame bytes with their shape (kind
+    "frames:TxHxWxC"), plus every sampling and processing setting that changes what the encoder sees."""
+    header = {"video": kind, "processing": {key: value for key, value in sorted(settings.items()) if value is not None}}
+    encoded_header = json.dumps(header, sort_keys=True).encode()
+    digest = hashlib.sha256()
+    digest.update(len(encoded_header).to_bytes(8, "little"))
+    digest.update(encoded_header)
+    digest.update(content)
+    return digest.hexdigest()

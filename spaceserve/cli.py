@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spaceserve.bench.cli import add_bench_parser, run_bench
 from spaceserve.core.errors import SpaceServeError
 from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.server.cli import add_serve_args, run_server
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -30,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
+    add_bench_parser(commands)
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_serve_args(serve)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
+    if args.command == "serve":
+        return run_server(args)
     try:
         return _generate(args)
     except SpaceServeError as exc:

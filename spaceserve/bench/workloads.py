@@ -1,0 +1,233 @@
+"""Seeded synthetic workloads: a registry of builders that turn WorkloadOptions into RequestSpecs.
+
+Every random draw comes from a generator seeded by (seed, request index, stream), so the same options always give
+byte-identical requests, and `text-only` gets exactly the prompts and output lengths of `image-mix` without the
+images. Media are encoded once (JPEG or PNG bytes) and reused by every backend and execution mode.
+
+A new workload (e.g. `video`) registers a builder with `@register_workload("name")` and returns RequestSpecs whose
+MediaItems carry its modality; the backends turn any modality into `multi_modal_data[modality]` in-process and a
+`{modality}_url` content part over HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from spaceserve.tokenizer.base import Tokenizer
+
+_TEXT_STREAM, _MEDIA_STREAM = 0, 1
+
+# Plain words for synthetic prompts: each is one or a few tokens in Qwen's vocabulary and one token per byte in the
+# byte-level fallback, so `num_tokens` words always give at least `num_tokens` tokens to cut down to size.
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her they this which an be are not or have had one "
+    "all their there when who more been some what if will would about out into than them time only could new these "
+    "two may first any like now my such make over our even most after also made many did before must through back "
+    "years where much your way well down should because each just those people how too little state good very world "
+    "still own see men work long get here between both life being under never day same another know while last might "
+    "great old year off come since against go came right used take three small place picture colour light river "
+    "mountain window street garden table morning evening city water house music paper story question answer"
+).split()
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An inclusive range of integers drawn uniformly; `lo == hi` is a fixed value."""
+
+    lo: int
+    hi: int
+
+    def __post_init__(self) -> None:
+        if self.lo < 0 or self.hi < self.lo:
+            raise ValueError(f"expected 0 <= lo <= hi, got {self.lo}:{self.hi}")
+
+    @classmethod
+    def parse(cls, text: str | int) -> IntRange:
+        """`"64"` or `"32:128"`."""
+        lo_text, sep, hi_text = str(text).partition(":")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if sep else lo
+        except ValueError:
+            raise ValueError(f"expected an integer or a lo:hi range, got {text!r}") from None
+        return cls(lo, hi)
+
+    def draw(self, rng: np.random.Generator) -> int:
+        return self.lo if self.lo == self.hi else int(rng.integers(self.lo, self.hi + 1))
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}:{self.hi}"
+
+
+def parse_image_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`"448x448,896x672"` -> ((448, 448), (896, 672)) as (width, height)."""
+    sizes = []
+    for item in text.split(","):
+        width, sep, height = item.strip().lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()) or int(width) < 1 or int(height) < 1:
+            raise ValueError(f"expected image sizes as WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class WorkloadOptions:
+    num_requests: int
+    seed: int = 0
+    image_sizes: tuple[tuple[int, int], ...] = ((448, 448), (896, 896), (1344, 1344))
+    images_per_request: IntRange = IntRange(1, 1)
+    prompt_len: IntRange = IntRange(64, 64)
+    output_len: IntRange = IntRange(128, 128)
+    image_format: str = "jpeg"
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 0:
+            raise ValueError(f"num_requests must be >= 0, got {self.num_requests}")
+        if not self.image_sizes:
+            raise ValueError("image_sizes must name at least one WIDTHxHEIGHT bucket")
+        if self.output_len.lo < 1:
+            raise ValueError(f"output_len must be >= 1, got {self.output_len}")
+        if self.image_format not in _IMAGE_MIME:
+            raise ValueError(f"image_format must be one of {sorted(_IMAGE_MIME)}, got {self.image_format!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "num_requests": self.num_requests,
+            "seed": self.seed,
+            "image_sizes": [f"{w}x{h}" for w, h in self.image_sizes],
+            "images_per_request": str(self.images_per_request),
+            "prompt_len": str(self.prompt_len),
+            "output_len": str(self.output_len),
+            "image_format": self.image_format,
+        }
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    modality: str  # "image"; a video workload adds "video"
+    data: bytes  # the encoded file, as a client would upload it
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One benchmark request, independent of how it is sent: text, media in prompt order, fixed output length."""
+
+    index: int
+    prompt_text: str
+    output_len: int
+    media: tuple[MediaItem, ...] = field(default=())
+
+
+class PromptTextMaker:
+    """Random-word text of an exact token count under `tokenizer` (approximate, one word per token, without one)."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+
+    def make(self, num_tokens: int, rng: np.random.Generator) -> str:
+        if num_tokens == 0:
+            return ""
+        text = " ".join(rng.choice(_WORDS, size=num_tokens))
+        if self.tokenizer is None:
+            return text
+        return self.tokenizer.decode(self.tokenizer.encode(text)[:num_tokens])
+
+
+WorkloadBuilder = Callable[[WorkloadOptions, PromptTextMaker], list[RequestSpec]]
+WORKLOADS: dict[str, WorkloadBuilder] = {}
+
+
+def register_workload(name: str) -> Callable[[WorkloadBuilder], WorkloadBuilder]:
+    def register(builder: WorkloadBuilder) -> WorkloadBuilder:
+        if name in WORKLOADS:
+            raise ValueError(f"workload {name!r} is already registered")
+        WORKLOADS[name] = builder
+        return builder
+
+    return register
+
+
+def build_workload(name: str, options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(sorted(WORKLOADS))}")
+    return WORKLOADS[name](options, text_maker)
+
+
+def request_rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    """The generator for one request's draws of one kind; builders use it so requests stay independent."""
+    return np.random.default_rng([seed, index, stream])
+
+
+@register_workload("image-mix")
+def image_mix(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    """One image per request, its size drawn from the buckets; a short prompt; fixed output length."""
+    if options.images_per_request != IntRange(1, 1):
+        raise ValueError("image-mix sends exactly one image per request; use the custom workload for other counts")
+    return _build(options, text_maker, with_media=True)
+
+
+@register_workload("text-only")
+def text_only(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    """image-mix's requests without their images: the decode baseline."""
+    return _build(options, text_maker, with_media=False)
+
+
+@register_workload("custom")
+def custom(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    """Image counts, sizes, prompt and output lengths all from the options (ranges drawn per request)."""
+    return _build(options, text_maker, with_media=True)
+
+
+def _build(options: WorkloadOptions, text_maker: PromptTextMaker, with_media: bool) -> list[RequestSpec]:
+    specs = []
+    for index in range(options.num_requests):
+        text_rng = request_rng(options.seed, index, _TEXT_STREAM)
+        prompt_text = text_maker.make(options.prompt_len.draw(text_rng), text_rng)
+        output_len = options.output_len.draw(text_rng)
+        media: tuple[MediaItem, ...] = ()
+        if with_media:
+            media_rng = request_rng(options.seed, index, _MEDIA_STREAM)
+            count = options.images_per_request.draw(media_rng)
+            media = tuple(_random_image(options, media_rng) for _ in range(count))
+        specs.append(RequestSpec(index=index, prompt_text=prompt_text, output_len=output_len, media=media))
+    return specs
+
+
+_IMAGE_MIME = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+def _random_image(options: WorkloadOptions, rng: np.random.Generator) -> MediaItem:
+    width, height = options.image_sizes[int(rng.integers(len(options.image_sizes)))]
+    pixels = smooth_noise(width, height, rng)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=options.image_format.upper(), **_SAVE_OPTIONS[options.image_format])
+    return MediaItem("image", buffer.getvalue(), _IMAGE_MIME[options.image_format], width, height)
+
+
+_SAVE_OPTIONS: dict[str, dict[str, Any]] = {"jpeg": {"quality": 90}, "png": {"compress_level": 1}}
+
+
+def smooth_noise(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB uint8 picture: random colour blobs (a coarse random grid upsampled) over a gradient, plus fine grain,
+    so images are distinct, never blank, and compress like photographs rather than like flat colour."""
+    grid = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+    blobs = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    ramp_x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    ramp_y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    direction = rng.uniform(-60.0, 60.0, size=(2, 3)).astype(np.float32)
+    grain = rng.normal(0.0, 6.0, size=(height, width, 3)).astype(np.float32)
+    pixels = blobs + ramp_x * direction[0] + ramp_y * direction[1] + grain
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def workload_names() -> Sequence[str]:
+    return sorted(WORKLOADS)

@@ -65,8 +65,13 @@ def index_packets(source: str | bytes) -> PacketIndex:
             raise InvalidVideoError(
                 f"no video stream in {describe_source(source)} (it holds {', '.join(kinds)})"
             )
+        format_name = container.format.name
+        if format_name == "image2" or format_name.endswith("_pipe"):
+            raise InvalidVideoError(f"{describe_source(source)} is a still image ({format_name}), not a video")
         stream = container.streams.video[0]
         codec_context = stream.codec_context
+        if codec_context is None or codec_context.codec is None:
+            raise InvalidVideoError(f"video codec of {describe_source(source)} is unknown; nothing here can decode it")
         codec = codec_context.name
         try:
             av.codec.Codec(codec, "r")
@@ -79,9 +84,13 @@ def index_packets(source: str | bytes) -> PacketIndex:
         if time_base is None or time_base <= 0:
             raise InvalidVideoError("video stream has no time base; timestamps cannot be interpreted")
         packets = _demux(container, stream)
+        if stream.frames > len(packets):
+            raise InvalidVideoError(
+                f"video is truncated: the container lists {stream.frames} frames but only {len(packets)} can be read"
+            )
         pix_fmt = codec_context.pix_fmt
         profile = codec_context.profile
-        rate = stream.average_rate or stream.guessed_rate
+        rate = stream.average_rate  # not guessed_rate: a guess from the codec's tick rate can be off by 2x
     if not packets:
         raise InvalidVideoError(f"video stream has no frames ({describe_source(source)})")
     pts_by_frame = tuple(sorted(p.pts for p in packets))

@@ -30,6 +30,10 @@ class Backend(Protocol):
 
     async def send(self, prepared: Any, request_id: str, arrival_time: float) -> RequestRecord: ...
 
+    async def engine_counters(self) -> dict[str, int] | None:
+        """Cumulative engine counters (preemptions, prefix-cache tokens) where the backend can see them."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -118,6 +122,17 @@ class InProcessBackend:
             encoder_queue_delay=_encoder_queue_delay(final.metrics),
         )
 
+    async def engine_counters(self) -> dict[str, int]:
+        def read(engine: Any) -> dict[str, int]:
+            stats = engine.kv_manager.prefix_cache_stats
+            return {
+                "num_preemptions": engine.scheduler.num_preemptions,
+                "prefix_cache_query_tokens": stats.queries,
+                "prefix_cache_hit_tokens": stats.hits,
+            }
+
+        return await self.engine.run_in_engine(read)  # read between steps on the engine thread: exact
+
     async def close(self) -> None:
         result = self.engine.shutdown()
         if inspect.isawaitable(result):
@@ -204,6 +219,9 @@ class OpenAIBackend:
             expected_output_tokens=spec.output_len,
             prompt_tokens=usage.get("prompt_tokens"),
         )
+
+    async def engine_counters(self) -> None:
+        return None
 
     async def close(self) -> None:
         await self.client.aclose()

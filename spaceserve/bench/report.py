@@ -32,6 +32,7 @@ RUN_FIELDS = (
     "multiplex",
     "encoder_policy",
     "engine_settings",
+    "engine_counters",  # in-process: preemptions and prefix-cache tokens during the run
     "workload",
     "workload_options",
     "request_rate",

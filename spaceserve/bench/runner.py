@@ -152,11 +152,14 @@ async def run_sweep(
             for rate_index, rate in enumerate(config.rates):
                 point = {**fields, "request_rate": rate}
                 try:
+                    before = await backend.engine_counters()
                     metrics = await _run_rate_point(config, backend, workloads, target, rate_index)
+                    after = await backend.engine_counters()
                 except Exception as exc:
                     emit(point, None, f"{type(exc).__name__}: {exc}")
                 else:
-                    emit(point, metrics, None)
+                    counters = None if before is None or after is None else {k: after[k] - before[k] for k in after}
+                    emit({**point, "engine_counters": counters}, metrics, None)
         finally:
             await backend.close()
     return rows

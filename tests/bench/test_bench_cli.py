@@ -49,6 +49,11 @@ def test_inprocess_run_writes_every_field(tmp_path):
         assert settings["scheduler"]["max_num_batched_tokens"] == 8192 and settings["encoder"]["budget_tokens"] > 0
         assert settings["num_kv_blocks"] > 0 and settings["engine_args"]["kv_cache_memory_bytes"] == 64 << 20
         assert row["spaceserve_version"] and row["device"]
+        # each rate point sends its own requests: nothing is served from the previous run's prefix cache beyond
+        # the chat template's shared system prompt
+        counters = row["engine_counters"]
+        assert counters["num_preemptions"] == 0 and counters["prefix_cache_query_tokens"] == row["total_input_tokens"]
+        assert counters["prefix_cache_hit_tokens"] < row["total_input_tokens"] // 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -43,6 +43,9 @@ class ScriptedBackend:
             spec.index, True, arrival_time, send_time, times[-1], tuple(times), spec.output_len, spec.output_len, 11
         )
 
+    async def engine_counters(self):
+        return {"num_preemptions": len(self.sent)}
+
     async def close(self):
         self.closed = True
 
@@ -84,6 +87,7 @@ def test_warmups_are_sent_first_and_not_counted():
     assert len(ids) == 13 and all(i.startswith("warmup") for i in ids[:3])
     assert not any(i.startswith("warmup") for i in ids[3:])
     assert row["completed"] == 10 and row["num_warmups"] == 3 and row["warmup_failed"] == 0
+    assert row["engine_counters"] == {"num_preemptions": 10}  # counted over the measured run only
     measured = [spec for _, spec in backend.sent[3:]]
     assert row["total_output_tokens"] == sum(spec.output_len for spec in measured)
     warm_prompts = {spec.prompt_text for _, spec in backend.sent[:3]}

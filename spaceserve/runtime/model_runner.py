@@ -1,15 +1,42 @@
-"""Runs one scheduled LM step: packs the sequences' new tokens, splices in image embeddings, runs the language
-model over the paged KV cache and samples the next token of every sequence that reached its end."""
+"""Runs one scheduled LM step: prepares the inputs (input_batch.py), runs the language model over the paged KV
+cache (a CUDA-graph replay for decode steps, eagerly otherwise), samples on the device and brings back only the
+sampled token ids.
+
+Stable interface (the engine and the benchmarks time it):
+- `launch(scheduled, encoder_outputs) -> StepHandle`: enqueue everything on the runner's stream; no host sync.
+- `collect(handle) -> ModelRunnerOutput`: wait for that step's sampled ids (the step's one device->host sync).
+- `execute(scheduled, encoder_outputs)` = `collect(launch(...))`.
+All work runs on `stream` (default: the current stream at construction), graphs included, so a runner built on a
+partition's stream keeps its whole step on that partition.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from spaceserve.core.request import Request
+from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.core.scheduler_output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
-from spaceserve.layers.attention import AttentionBackend, build_attention_metadata
-from spaceserve.layers.sampler import SamplingRow, sample
+from spaceserve.layers.attention import AttentionBackend
+from spaceserve.layers.sampler import SamplingRow, sample_on_device, sampling_metadata_from_rows
+from spaceserve.runtime.cuda_graphs import DecodeCUDAGraphs, is_graphable
+from spaceserve.runtime.input_batch import InputBatch, ModelInputs
+
+_NUM_OUTPUT_BUFFERS = 2
+
+
+@dataclass(frozen=True)
+class StepHandle:
+    """A launched step: its sampled ids land in `sampled_ids` (host) once `done` has fired."""
+
+    request_ids: tuple[str, ...]
+    sampled_ids: torch.Tensor | None
+    done: torch.cuda.Event | None
+    graphed: bool
 
 
 class ModelRunner:
@@ -20,6 +47,11 @@ class ModelRunner:
         block_size: int,
         backend: AttentionBackend,
         device: torch.device,
+        *,
+        max_num_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        max_model_len: int = 4096,
+        stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.model = model
         self.language_model = model.language_model
@@ -27,81 +59,147 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = backend
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
+        self.vocab_size = self.language_model.cfg.vocab_size
+        self.stream = stream if stream is not None or device.type != "cuda" else torch.cuda.current_stream(device)
+        self.input_batch = InputBatch(
+            max_num_tokens=max_num_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            vocab_size=self.vocab_size,
+            device=device,
+        )
+        pin = device.type == "cuda"
+        self._sampled_host = [
+            torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(_NUM_OUTPUT_BUFFERS)
+        ]
+        self._sampled_done = [torch.cuda.Event() if pin else None for _ in range(_NUM_OUTPUT_BUFFERS)]
+        self._next_output = 0
+        self.cuda_graphs: DecodeCUDAGraphs | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------------
+
+    def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        if self.cuda_graphs is not None:
+            raise RuntimeError("the KV cache cannot change once CUDA graphs captured it")
+        self.kv_caches = kv_caches
+
+    def capture_cuda_graphs(self, sizes: tuple[int, ...]) -> None:
+        """Capture decode graphs of these batch sizes on the runner's stream (CUDA and a graph-capable backend)."""
+        if self.device.type != "cuda" or not getattr(self.backend, "supports_cuda_graphs", False):
+            raise RuntimeError(f"CUDA graphs need a CUDA device and a backend that supports them, not {self.backend.name}")
+        graphs = DecodeCUDAGraphs(self._decode_logits, self.input_batch, sizes, self.vocab_size, self.stream)
+        graphs.capture()
+        self.cuda_graphs = graphs
 
     def release(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self.input_batch.release(request_id)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def execute(self, scheduled: SchedulerOutput, encoder_outputs: Mapping[str, torch.Tensor]) -> ModelRunnerOutput:
+        return self.collect(self.launch(scheduled, encoder_outputs))
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput, encoder_outputs: Mapping[str, torch.Tensor]) -> ModelRunnerOutput:
-        sequences = scheduled.sequences
-        if not sequences:
+    def launch(self, scheduled: SchedulerOutput, encoder_outputs: Mapping[str, torch.Tensor]) -> StepHandle:
+        if not scheduled.sequences:
+            for request_id in scheduled.preempted_request_ids:
+                self.input_batch.forget_blocks(request_id)
+            return StepHandle((), None, None, graphed=False)
+        with self._on_stream():
+            padded = None
+            if self.cuda_graphs is not None and is_graphable(scheduled):
+                padded = self.cuda_graphs.padded_size(len(scheduled.sequences))
+            inputs = self.input_batch.prepare(scheduled, pad_to=padded)
+            if padded is not None:
+                logits = self.cuda_graphs.replay(padded)[: len(inputs.sampled_request_ids)]
+            else:
+                logits = self._eager_logits(inputs, encoder_outputs)
+            if not inputs.sampled_request_ids:
+                return StepHandle((), None, None, graphed=False)
+            tokens = sample_on_device(logits, inputs.sampling)
+            index = self._next_output
+            self._next_output = (index + 1) % _NUM_OUTPUT_BUFFERS
+            done = self._sampled_done[index]
+            if done is not None:
+                done.synchronize()  # the step that last used this buffer has been collected (or at least landed)
+            host = self._sampled_host[index][: tokens.shape[0]]
+            host.copy_(tokens, non_blocking=True)
+            if done is not None:
+                done.record()
+        return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None)
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        if handle.sampled_ids is None:
             return ModelRunnerOutput({})
-        input_ids = [t for s in sequences for t in s.request.all_token_ids[s.num_computed_tokens : s.end]]
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        positions = torch.cat([_positions(s) for s in sequences], dim=1).to(self.device)
-        metadata = build_attention_metadata(
-            [s.num_scheduled_tokens for s in sequences],
-            [s.end for s in sequences],
-            [s.block_ids for s in sequences],
-            self.block_size,
-            self.device,
-        )
-        embeds = self.language_model.embed(input_ids_t)
-        self._splice_image_embeddings(embeds, sequences, encoder_outputs)
-        hidden = self.language_model(embeds, positions, self.kv_caches, metadata, self.backend)
+        if handle.done is not None:
+            handle.done.synchronize()
+        return ModelRunnerOutput(dict(zip(handle.request_ids, handle.sampled_ids.tolist())))
 
-        sampling, last_rows, end = [], [], 0
-        for seq in sequences:
-            end += seq.num_scheduled_tokens
-            if seq.samples:
-                sampling.append(seq)
-                last_rows.append(end - 1)
-        if not sampling:
-            return ModelRunnerOutput({})
-        logits = self.language_model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-        tokens = sample(logits, [self._sampling_row(s) for s in sampling])
-        return ModelRunnerOutput({s.request.request_id: t for s, t in zip(sampling, tokens)})
+    def _on_stream(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        current = torch.cuda.current_stream(self.device)
+        if current != self.stream:
+            self.stream.wait_stream(current)  # encoder outputs and other work queued by the caller come first
+        return torch.cuda.stream(self.stream)
 
-    def _splice_image_embeddings(
-        self, embeds: torch.Tensor, sequences: tuple[ScheduledSequence, ...], encoder_outputs: Mapping[str, torch.Tensor]
-    ) -> None:
-        row = 0
-        for seq in sequences:
-            start, end = seq.num_computed_tokens, seq.end
-            for _, feature in seq.request.mm_features_overlapping(start, end):
-                span = feature.placeholder
-                lo, hi = max(start, span.offset), min(end, span.end)
-                rows = encoder_outputs[feature.mm_hash][lo - span.offset : hi - span.offset]
-                embeds[row + lo - start : row + hi - start] = rows.to(embeds.dtype)
-            row += seq.num_scheduled_tokens
+    def _decode_logits(self, inputs: ModelInputs) -> torch.Tensor:
+        """Every row's logits: the forward a decode graph captures (no image rows, every row sampled)."""
+        embeds = self.language_model.embed(inputs.input_ids)
+        hidden = self.language_model(embeds, inputs.positions, self.kv_caches, inputs.attn_metadata, self.backend)
+        return self.language_model.compute_logits(hidden)
 
-    def _sampling_row(self, seq: ScheduledSequence) -> SamplingRow:
-        request = seq.request
-        params = request.sampling_params
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = self._generators.get(request.request_id)
-            if generator is None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
-                self._generators[request.request_id] = generator
-        banned: tuple[int, ...] = ()
-        if request.num_output_tokens < params.min_tokens:
-            eos = () if params.ignore_eos else request.eos_token_ids
-            banned = tuple(eos) + params.stop_token_ids
-        return SamplingRow(params, generator, banned)
+    def _eager_logits(self, inputs: ModelInputs, encoder_outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        embeds = self.language_model.embed(inputs.input_ids)
+        for splice in inputs.image_splices:
+            rows = encoder_outputs[splice.mm_hash][splice.source_row : splice.source_row + splice.length]
+            embeds[splice.row : splice.row + splice.length] = rows.to(embeds.dtype)
+        hidden = self.language_model(embeds, inputs.positions, self.kv_caches, inputs.attn_metadata, self.backend)
+        if not inputs.sampled_request_ids:
+            return hidden[:0]
+        return self.language_model.compute_logits(hidden[inputs.logits_indices])
 
+    # ---- memory profiling --------------------------------------------------------------------------------
 
-def _positions(seq: ScheduledSequence) -> torch.Tensor:
-    """M-RoPE positions [3, n] of the scheduled tokens: the prompt's come precomputed, generated tokens continue
-    from the position delta on all three axes."""
-    request = seq.request
-    start, end = seq.num_computed_tokens, seq.end
-    prompt_len = request.num_prompt_tokens
-    parts = []
-    if start < prompt_len:
-        parts.append(request.mrope_positions[:, start : min(end, prompt_len)])
-    if end > prompt_len:
-        generated = torch.arange(max(start, prompt_len), end) + request.mrope_position_delta
-        parts.append(generated.unsqueeze(0).expand(3, -1))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> None:
+        """The largest eager step, for peak memory: a prefill of `num_tokens` prompt tokens in as few sequences as
+        max_model_len allows (the largest attention), over a scratch KV cache just large enough; then sampling
+        `max_num_seqs` rows with top-k/top-p (the largest sampler)."""
+        if not self.kv_caches:
+            raise RuntimeError("profile_run copies the KV layout from the runner's caches (allocate one block each)")
+        lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+        blocks_needed = sum(-(-n // self.block_size) for n in lengths)
+        saved = self.kv_caches
+        shape = (2, blocks_needed, *saved[0].shape[2:])
+        self.kv_caches = [torch.empty(shape, dtype=saved[0].dtype, device=self.device) for _ in saved]
+        generator = torch.Generator().manual_seed(0)
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=1)
+        sequences, next_block = [], 0
+        for i, length in enumerate(lengths):
+            ids = torch.randint(0, self.vocab_size, (length,), generator=generator).tolist()
+            request = Request(f"profile-{i}", ids, params, mrope_positions=torch.arange(length).expand(3, -1))
+            num_blocks = -(-length // self.block_size)
+            sequences.append(ScheduledSequence(request, 0, length, tuple(range(next_block, next_block + num_blocks)), True))
+            next_block += num_blocks
+        try:
+            self.execute(SchedulerOutput(tuple(sequences)), {})
+        finally:
+            for seq in sequences:
+                self.release(seq.request.request_id)
+            self.kv_caches = saved
+        logits = torch.randn(max_num_seqs, self.vocab_size, device=self.device)
+        del sequences
+        rows = [SamplingRow(params, None)] * max_num_seqs
+        sample_on_device(logits, sampling_metadata_from_rows(rows, self.vocab_size, self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def profile_decode_step(self, size: int) -> None:
+        """One eager decode forward of `size` padding rows (slot -1: nothing is written), as a graph of that size
+        runs it; its peak stands in for the CUDA-graph pool."""
+        with self._on_stream():
+            inputs = self.input_batch.prepare(SchedulerOutput(()), pad_to=size)
+            self._decode_logits(inputs)

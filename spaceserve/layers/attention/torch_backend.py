@@ -17,6 +17,7 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_cuda_graphs = False  # loops over sequences on host values: always eager
 
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(kv_cache, key, value, metadata.slot_mapping)

@@ -1,0 +1,83 @@
+"""Builds the model runner for an engine: attention backend, memory plan (profiling on CUDA), KV cache, CUDA
+graphs. The engine calls `build_model_runner` once at start-up."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from spaceserve.config import EngineConfig
+from spaceserve.layers.attention import AttentionBackend, get_attention_backend
+from spaceserve.runtime.cuda_graphs import cuda_graph_batch_sizes
+from spaceserve.runtime.kv_cache import allocate_kv_caches, kv_bytes_per_block
+from spaceserve.runtime.memory_planner import (
+    CudaMemoryReader,
+    MemoryPlan,
+    plan_memory,
+    profile_memory,
+    run_largest_encoder_batch,
+)
+from spaceserve.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def decode_graph_sizes(config: EngineConfig, backend: AttentionBackend, device: torch.device) -> tuple[int, ...]:
+    """The decode batch sizes to capture; none when eager is forced, off CUDA, or the backend can't be graphed."""
+    if config.enforce_eager or device.type != "cuda" or not getattr(backend, "supports_cuda_graphs", False):
+        return ()
+    return cuda_graph_batch_sizes(config.scheduler.max_num_seqs, config.cuda_graph_sizes)
+
+
+def build_model_runner(
+    config: EngineConfig,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    stream: torch.cuda.Stream | None = None,
+) -> tuple[ModelRunner, MemoryPlan]:
+    text = config.model_config.text
+    block_size = config.cache.block_size
+    sched = config.scheduler
+    backend = get_attention_backend(config.attention_backend, device)
+    graph_sizes = decode_graph_sizes(config, backend, device)
+    runner = ModelRunner(
+        model,
+        allocate_kv_caches(text, 1, block_size, dtype, device),  # a layout to profile with; replaced below
+        block_size,
+        backend,
+        device,
+        max_num_tokens=max(sched.max_num_batched_tokens, max(graph_sizes, default=0)),
+        max_num_seqs=sched.max_num_seqs,
+        max_model_len=sched.max_model_len,
+        stream=stream,
+    )
+    element = torch.empty((), dtype=dtype).element_size()
+    encoder_cache_bytes = config.encoder.cache_tokens * text.hidden_size * element
+    profiled = None
+    if device.type == "cuda" and config.cache.num_gpu_blocks is None and config.cache.kv_cache_memory_bytes is None:
+        largest_graph = max(graph_sizes, default=0)
+        profiled = profile_memory(
+            CudaMemoryReader(device),
+            lambda: runner.profile_run(sched.max_num_batched_tokens, sched.max_model_len, sched.max_num_seqs),
+            lambda: run_largest_encoder_batch(model, config.image_config, config.encoder.budget_tokens, device),
+            (lambda: runner.profile_decode_step(largest_graph)) if graph_sizes else None,
+            cuda_graph_buffer_bytes=largest_graph * text.vocab_size * 4,
+        )
+        torch.cuda.empty_cache()
+    plan = plan_memory(
+        config.cache,
+        sched,
+        kv_bytes_per_block(text, block_size, dtype),
+        device_type=device.type,
+        encoder_cache_bytes=encoder_cache_bytes,
+        profiled=profiled,
+        concurrent_encoder=config.multiplex != "time",
+    )
+    logger.info(plan.summary())
+    runner.initialize_kv_caches(allocate_kv_caches(text, plan.num_kv_blocks, block_size, dtype, device))
+    if graph_sizes:
+        runner.capture_cuda_graphs(graph_sizes)
+        logger.info("captured decode CUDA graphs for batch sizes %s", graph_sizes)
+    return runner, plan

@@ -8,11 +8,13 @@ same flags with the same defaults.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
-from spaceserve.config import CacheConfig, EncoderConfig, EngineConfig, SchedulerConfig
+from spaceserve.config import CacheConfig, EncoderConfig, EngineConfig, SchedulerConfig, VideoConfig
 from spaceserve.core.errors import ConfigError
 from spaceserve.models.resolve import TINY_PRESETS, resolve_model
 
@@ -41,6 +43,13 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = field(default=None, hash=False)
+    """Server-wide video sampling/processing settings (fps, num_frames, min_frames, max_frames, min_pixels,
+    max_pixels, max_video_tokens); a request's own mm_processor_kwargs override them."""
+    max_video_duration_s: float = 3600.0
+    video_decode_workers: int = 4
+    video_decode_backend: str = "auto"
+    video_cache_bytes: int = 1 << 30
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -81,6 +90,13 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs,
                 max_model_len=max_model_len,
+            ),
+            video=VideoConfig(
+                max_duration_s=self.max_video_duration_s,
+                decode_workers=self.video_decode_workers,
+                decode_backend=self.video_decode_backend,
+                cache_bytes=self.video_cache_bytes,
+                processor_kwargs=dict(self.mm_processor_kwargs or {}),
             ),
             encoder=EncoderConfig(
                 policy=self.encoder_policy,  # type: ignore[arg-type]
@@ -124,6 +140,17 @@ class EngineArgs:
             default=None,
             help="decode batch sizes to capture, e.g. 1,2,4,8,16 (default: a ladder up to max-num-seqs)",
         )
+
+        parser.add_argument(
+            "--mm-processor-kwargs",
+            type=json.loads,
+            default=None,
+            help='video sampling/processing defaults as JSON, e.g. \'{"fps": 1, "max_frames": 64}\'',
+        )
+        parser.add_argument("--max-video-duration-s", type=float, default=3600.0)
+        parser.add_argument("--video-decode-workers", type=int, default=4)
+        parser.add_argument("--video-decode-backend", default="auto")
+        parser.add_argument("--video-cache-bytes", type=int, default=1 << 30)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

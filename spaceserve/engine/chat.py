@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from spaceserve.core.errors import InvalidInputError
+from spaceserve.engine.chat_video import VIDEO_PART_KINDS, video_source_from_part
 
 DEFAULT_MAX_MEDIA_BYTES = 20 << 20
 DEFAULT_MEDIA_TIMEOUT_S = 10.0
@@ -128,6 +129,7 @@ def parse_chat_messages(
     messages: list[dict[str, Any]],
     media: MediaConnector | None = None,
     max_images: int | None = None,
+    videos: list[Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Template messages and the images in order. Image references are checked against `max_images` before any
     is fetched, then fetched under `media`'s policy (default: MediaConnector.offline())."""
@@ -151,6 +153,9 @@ def parse_chat_messages(
             elif kind in ("image_url", "image", "image_pil"):
                 sources.append(_image_source(part, kind, index))
                 parts.append({"type": "image"})
+            elif kind in VIDEO_PART_KINDS and videos is not None:  # the caller collects and fetches videos
+                videos.append(video_source_from_part(part, kind, index))
+                parts.append({"type": "video"})
             else:
                 raise InvalidInputError(f"message {index}: unsupported content part {kind!r}")
         template_messages.append({"role": message["role"], "content": parts})

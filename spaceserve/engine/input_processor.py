@@ -128,8 +128,8 @@ class InputProcessor:
         return items
 
     def _resolve_video(self, video: Any, kwargs: dict[str, Any], index: int) -> ResolvedVideo:
-        settings = VideoSettings.from_kwargs(kwargs, self.image_config.temporal_patch_size)
         try:
+            settings = VideoSettings.from_kwargs(kwargs, self.image_config.temporal_patch_size)
             return resolve_video(video, settings, self.image_config, self.config.video)
         except InvalidInputError as exc:
             raise InvalidInputError(f"video {index}: {exc}") from None

@@ -10,6 +10,7 @@ from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.chat import parse_chat_messages
+from spaceserve.engine.chat_video import load_offline_video
 from spaceserve.engine.input_processor import PromptType
 from spaceserve.engine.llm_engine import LLMEngine
 
@@ -58,15 +59,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """OpenAI-style messages (text, image_url and image parts) through the model's chat template."""
+        """OpenAI-style messages (text, image_url, image, video_url and video parts) through the model's chat
+        template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
-            template_messages, images = parse_chat_messages(conversation)
+            video_sources: list[Any] = []
+            template_messages, images = parse_chat_messages(conversation, videos=video_sources)
+            videos = [load_offline_video(source) for source in video_sources]
             text = self.get_tokenizer().apply_chat_template(template_messages, add_generation_prompt)
             prompt: dict[str, Any] = {"prompt": text}
-            if images:
-                prompt["multi_modal_data"] = {"image": images}
+            mm_data = {"image": images} if images else {}
+            if videos:
+                mm_data["video"] = videos
+            if mm_data:
+                prompt["multi_modal_data"] = mm_data
             prompts.append(prompt)
         return self.generate(prompts, sampling_params)
 

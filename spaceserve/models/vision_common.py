@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.core.errors import ConfigError, InvalidInputError
+from spaceserve.layers.attention.varlen import VarlenSegments, varlen_attention
 from spaceserve.models.config import VisionConfig
 
 # Both towers rotate with theta 10000; no published config overrides it, so VisionConfig does not carry it.
@@ -131,28 +132,6 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention restricted to segments [cu_seqlens[i], cu_seqlens[i+1]).
-
-    q, k, v: [total, heads, head_dim] -> [total, heads, head_dim]. Segments of equal length are gathered into
-    one batched SDPA call, so the loop runs over distinct lengths (a handful: full windows, edge windows,
-    frame sizes), not over segments or patches. This is the one place a varlen kernel would plug in.
-    """
-    bounds = cu_seqlens.to("cpu", torch.int64)
-    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens must span 0..{q.shape[0]}, got {bounds[0].item()}..{bounds[-1].item()}")
-    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
-    out = torch.empty_like(q)
-    for length in lengths.unique().tolist():
-        if length == 0:
-            continue
-        segment_starts = starts[lengths == length]
-        rows = (segment_starts[:, None] + torch.arange(length)).to(q.device)  # [segments, length]
-        q_seg, k_seg, v_seg = (x[rows].transpose(1, 2) for x in (q, k, v))  # [segments, heads, length, dim]
-        out[rows] = F.scaled_dot_product_attention(q_seg, k_seg, v_seg).transpose(1, 2)
-    return out
-
-
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -161,13 +140,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
         num_patches = x.shape[0]
         q, k, v = self.qkv(x).view(num_patches, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
-        return self.proj(varlen_attention(q, k, v, cu_seqlens).reshape(num_patches, -1))
+        return self.proj(varlen_attention(q, k, v, segments).reshape(num_patches, -1))
 
 
 class PatchMerger(nn.Module):

@@ -13,7 +13,8 @@ from spaceserve.core.errors import ConfigError, InvalidInputError
 from spaceserve.models.config import ModelConfig
 from spaceserve.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer, window_layout
 from spaceserve.models.qwen2_vl.vision import Qwen2VisionTransformer
-from spaceserve.models.vision_common import varlen_attention, vision_weight_name
+from spaceserve.layers.attention.varlen import build_varlen_segments, varlen_attention
+from spaceserve.models.vision_common import vision_weight_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,7 +90,8 @@ def test_varlen_attention_equals_block_diagonal_mask() -> None:
     segment = torch.repeat_interleave(torch.arange(6), cu_seqlens.diff())
     mask = segment[:, None] == segment[None, :]
     dense = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask)
-    torch.testing.assert_close(varlen_attention(q, k, v, cu_seqlens), dense.transpose(0, 1))
+    segments = build_varlen_segments(cu_seqlens.tolist(), head_dim=8, device=torch.device("cpu"), use_triton=False)
+    torch.testing.assert_close(varlen_attention(q, k, v, segments), dense.transpose(0, 1))
 
 
 def test_vision_weight_prefixes() -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.core.errors import ConfigError
+from spaceserve.layers.attention.varlen import VarlenSegments, build_varlen_segments
 from spaceserve.layers.norm import RMSNorm
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
@@ -48,10 +49,8 @@ class Qwen2_5_VisionBlock(nn.Module):
         self.attn = VisionAttention(config.hidden_size, config.num_heads)
         self.mlp = Qwen2_5_VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -113,10 +112,11 @@ class Qwen2_5_VisionTransformer(nn.Module):
         cos, sin = (to_window_order(table) for table in vision_rotary_cos_sin(positions, self.config.head_dim, x.device))
         # Frames stay contiguous after the reordering (windows never straddle frames), so full attention keeps
         # the per-frame segments.
-        cu_frame_seqlens = frame_cu_seqlens(grid_thw)
+        head_dim = self.config.head_dim
+        frames = build_varlen_segments(frame_cu_seqlens(grid_thw).tolist(), head_dim, x.device)
+        windows = build_varlen_segments(cu_window_seqlens.tolist(), head_dim, x.device)
         for index, block in enumerate(self.blocks):
-            cu_seqlens = cu_frame_seqlens if index in self.full_attention_blocks else cu_window_seqlens
-            x = block(x, cos, sin, cu_seqlens)
+            x = block(x, cos, sin, frames if index in self.full_attention_blocks else windows)
         merged = self.merger(x)
         original_order = torch.empty_like(window_order)
         original_order[window_order] = torch.arange(window_order.numel(), device=window_order.device)

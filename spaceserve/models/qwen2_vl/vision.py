@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from spaceserve.layers.attention.varlen import VarlenSegments, build_varlen_segments
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
     VISION_NORM_EPS,
@@ -41,10 +42,8 @@ class Qwen2VisionBlock(nn.Module):
         self.attn = VisionAttention(config.hidden_size, config.num_heads)
         self.mlp = Qwen2VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -71,9 +70,9 @@ class Qwen2VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)
         positions = merge_ordered_hw_positions(grid_thw, self.config.spatial_merge_size)
         cos, sin = vision_rotary_cos_sin(positions, self.config.head_dim, x.device)
-        cu_seqlens = frame_cu_seqlens(grid_thw)
+        frames = build_varlen_segments(frame_cu_seqlens(grid_thw).tolist(), self.config.head_dim, x.device)
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens)
+            x = block(x, cos, sin, frames)
         return self.merger(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -3,7 +3,9 @@
 With ``fps`` set (default 2), a clip of N frames at F frames/s yields N / F * fps frames, clamped to
 [min_frames, min(max_frames, N)] and rounded down to a multiple of the temporal patch size; ``num_frames`` asks for
 a fixed count instead. Indices are spaced evenly from frame 0, computed with the same float32 ``torch.arange`` as
-transformers so the chosen frames are the same ones.
+transformers so the chosen frames are the same ones. One intended difference: float32 spacing occasionally
+yields one index more than the count (sometimes equal to the frame count, past the last frame, where transformers
+then fails); we keep the first `count` indices, so the count stays a whole number of temporal patches.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def num_sampled_frames(total_num_frames: int, video_fps: float | None, params: V
 def sample_frame_indices(total_num_frames: int, video_fps: float | None, params: VideoSamplingParams) -> list[int]:
     """Indices (ascending) of the frames to decode, as transformers' Qwen2VLVideoProcessor.sample_frames."""
     count = num_sampled_frames(total_num_frames, video_fps, params)
-    return torch.arange(0, total_num_frames, total_num_frames / count).int().tolist()
+    return torch.arange(0, total_num_frames, total_num_frames / count).int()[:count].tolist()
 
 
 def sampled_fps(total_num_frames: int, video_fps: float, num_indices: int) -> float:

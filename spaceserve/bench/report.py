@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import subprocess
+import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
@@ -97,9 +98,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def spaceserve_version() -> str | None:
+    """The installed version; from this checkout's pyproject.toml where it runs uninstalled (the GPU machine)."""
     try:
         return metadata.version("spaceserve")
     except metadata.PackageNotFoundError:
+        pass
+    try:
+        with open(_REPO_ROOT / "pyproject.toml", "rb") as file:
+            return tomllib.load(file)["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
         return None
 
 

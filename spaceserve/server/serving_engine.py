@@ -87,7 +87,8 @@ async def final_output(stream: RequestStream) -> RequestOutput:
             last = output
     finally:
         stream.close()
-    assert last is not None and last.finished
+    if last is None or not last.finished:
+        raise RuntimeError(f"the stream of {stream.request_id} ended without a finished output")
     return last
 
 

@@ -24,8 +24,9 @@ from spaceserve.multimodal.video.source import describe_source, ffmpeg_message, 
 
 
 @dataclass(frozen=True)
-class EncodedPacket:
-    data: bytes
+class PacketInfo:
+    """One non-empty packet of the video stream, in decode order (its data stays in the file)."""
+
     pts: int
     dts: int | None
     is_keyframe: bool
@@ -33,7 +34,7 @@ class EncodedPacket:
 
 @dataclass(frozen=True)
 class PacketIndex:
-    """Everything about one video stream that demuxing tells, plus its packets in decode order."""
+    """Everything about one video stream that demuxing tells, with its packets' timestamps in decode order."""
 
     stream_index: int
     codec: str
@@ -43,7 +44,7 @@ class PacketIndex:
     height: int
     fps: float
     time_base: Fraction
-    packets: tuple[EncodedPacket, ...]
+    packets: tuple[PacketInfo, ...]
     pts_by_frame: tuple[int, ...]
     keyframe_packets: tuple[int, ...]
     keyframe_frames: tuple[int, ...]
@@ -88,6 +89,7 @@ def index_packets(source: str | bytes) -> PacketIndex:
             raise InvalidVideoError(
                 f"video is truncated: the container lists {stream.frames} frames but only {len(packets)} can be read"
             )
+        stream_index = stream.index
         pix_fmt = codec_context.pix_fmt
         profile = codec_context.profile
         rate = stream.average_rate  # not guessed_rate: a guess from the codec's tick rate can be off by 2x
@@ -105,7 +107,7 @@ def index_packets(source: str | bytes) -> PacketIndex:
         # Keyframes not shown in decode order: no GOP split is safe, decode it as one GOP.
         keyframe_packets, keyframe_frames = [0], [0]
     return PacketIndex(
-        stream_index=stream.index,
+        stream_index=stream_index,
         codec=codec,
         pix_fmt=pix_fmt,
         profile=profile,
@@ -121,7 +123,7 @@ def index_packets(source: str | bytes) -> PacketIndex:
     )
 
 
-def _demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> list[EncodedPacket]:
+def _demux(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> list[PacketInfo]:
     packets = []
     try:
         for packet in container.demux(stream):
@@ -131,7 +133,7 @@ def _demux(container: av.container.InputContainer, stream: av.video.stream.Video
                 raise InvalidVideoError(
                     "video packets carry no timestamps (a raw elementary stream?); put it in a container such as MP4"
                 )
-            packets.append(EncodedPacket(bytes(packet), packet.pts, packet.dts, packet.is_keyframe))
+            packets.append(PacketInfo(packet.pts, packet.dts, packet.is_keyframe))
     except av.error.FFmpegError as exc:
         raise InvalidVideoError(f"video is truncated or corrupt: demuxing failed: {ffmpeg_message(exc)}") from None
     return packets
@@ -146,7 +148,7 @@ def _frame_rate(rate: Fraction | None, pts_by_frame: tuple[int, ...], time_base:
     raise InvalidVideoError("video frame rate is zero or unknown (no rate in the stream, timestamps do not tell)")
 
 
-def _has_leading_pictures(packets: list[EncodedPacket], keyframe_packets: list[int]) -> bool:
+def _has_leading_pictures(packets: list[PacketInfo], keyframe_packets: list[int]) -> bool:
     """True when some frame decoded after a keyframe is shown before it (open GOP)."""
     bounds = list(keyframe_packets[1:]) + [len(packets)]
     for start, stop in zip(keyframe_packets[1:], bounds[1:]):

@@ -1,10 +1,12 @@
 """GPU decoding with torchcodec's NVDEC backend: frames are decoded and converted to RGB on the GPU and stay there.
 
 RGB24 here is torchcodec's conversion on the GPU (its own CUDA kernel on NVDEC's NV12/P016 output, using the colour
-matrix and range the stream declares, BT.601 limited range when it declares none). It may differ from PyAV's
-swscale conversion by a few levels; that is expected across backends. Within this backend the same frame always
-gets the same pixels whichever session decodes it: torchcodec decodes each frame starting from the keyframe of
-its GOP (it seeks whenever the next requested frame lies in a later GOP), in one session or in many.
+matrix and range the stream declares). It may differ from PyAV's swscale conversion by a few levels; that is
+expected across backends. Within this backend a frame gets the same pixels whichever session decodes it: a session
+seeks (exact mode, torchcodec's own scan of the packets) to the keyframe of the first GOP of its chunk and every
+frame it keeps depends only on frames from that keyframe on (GOP chunks never split a GOP; in an open GOP the
+frames that reference the previous GOP are shown before their keyframe, so they belong to the previous chunk).
+tests/multimodal/video/test_nvdec.py and the decode benchmark check sequential against GOP-parallel bit for bit.
 
 torchcodec is imported lazily; when it is missing, cannot load FFmpeg's libraries, or the codec/profile is one
 NVDEC cannot decode, callers get the reason as a string and fall back to the CPU.

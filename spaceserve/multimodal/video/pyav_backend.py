@@ -7,7 +7,8 @@ any thread count) uses exactly this conversion, so they agree bit for bit; NVDEC
 it by a few levels.
 
 Only requested frames are converted: every packet from the segment's keyframe on is decoded, but a frame that is
-not requested is dropped as a YUV frame without conversion or copy.
+not requested is dropped as a YUV frame without conversion or copy. A session demuxes the file itself (demuxing is
+cheap, and the packets it decodes are the container's own) and skips the packets before its segment's keyframe.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def decode_segment(
     wanted = set(segment.frame_indices)
     frame_of_pts = index.frame_of_pts()
     with open_container(source) as container:
-        codec_context = container.streams.video[0].codec_context
+        stream = next(s for s in container.streams.video if s.index == index.stream_index)
+        codec_context = stream.codec_context
         codec_context.thread_count = options.threads
         codec_context.thread_type = options.thread_type.upper()
         try:
-            for packet in _packets_from(index, segment.start_packet):
+            for packet in _packets_from(container, stream, index, segment.start_packet):
                 for frame in codec_context.decode(packet):
                     _keep(frame, frame_of_pts, wanted, index, out, out_position)
                 if not wanted:
@@ -70,14 +72,18 @@ def decode_segment(
         )
 
 
-def _packets_from(index: PacketIndex, start: int):
-    time_base = index.time_base
-    for encoded in index.packets[start:]:
-        packet = av.Packet(encoded.data)
-        packet.pts = encoded.pts
-        packet.dts = encoded.dts
-        packet.time_base = time_base
-        yield packet
+def _packets_from(container, stream, index: PacketIndex, start: int):
+    """The stream's non-empty packets from decode position `start` on. Demuxing (no decoding) skips the ones
+    before: cheaper and safer than a container seek, whose landing point depends on the demuxer."""
+    position = 0
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if position == start and packet.pts != index.packets[start].pts:
+            raise InvalidVideoError("video demuxes differently from one read to the next; cannot decode it in parts")
+        if position >= start:
+            yield packet
+        position += 1
 
 
 def _keep(

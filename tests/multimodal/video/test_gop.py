@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from spaceserve.multimodal.video.gop import EncodedPacket, PacketIndex, gop_of_frame, plan_chunks
+from spaceserve.multimodal.video.gop import PacketInfo, PacketIndex, gop_of_frame, plan_chunks
 
 
 def synthetic_index(gop_lengths: list[int], *, open_gop: bool) -> PacketIndex:
     keyframe_frames = tuple(int(x) for x in np.cumsum([0] + gop_lengths[:-1]))
     num_frames = sum(gop_lengths)
     # Decode order equals presentation order here; only keyframe positions matter to the planner.
-    packets = tuple(EncodedPacket(b"", pts, pts, pts in keyframe_frames) for pts in range(num_frames))
+    packets = tuple(PacketInfo(pts, pts, pts in keyframe_frames) for pts in range(num_frames))
     return PacketIndex(
         stream_index=0, codec="h264", pix_fmt="yuv420p", profile=None, width=16, height=16, fps=30.0,
         time_base=1, packets=packets, pts_by_frame=tuple(range(num_frames)), keyframe_packets=keyframe_frames,

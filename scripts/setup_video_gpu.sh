@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install the video wheels carried in .whl/ (PyAV, torchcodec CUDA build) on the GPU machine, which has no network,
+# and give torchcodec FFmpeg's shared libraries: PyAV bundles them under hashed names (av.libs/libavcodec-<hash>.so.62...),
+# torchcodec asks for the standard sonames (libavcodec.so.62, ...), so a folder of symlinks under the standard names
+# must be on LD_LIBRARY_PATH before Python starts. Prints the export line to use; `source` this script to get it set.
+#
+#   bash scripts/setup_video_gpu.sh            # install, link, check, print the export line
+#   source scripts/setup_video_gpu.sh          # same, and LD_LIBRARY_PATH is set in this shell
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+wheel_dir="${SPACESERVE_WHEEL_DIR:-$repo_root/.whl}"
+link_dir="${SPACESERVE_FFMPEG_LINK_DIR:-/tmp/spaceserve-ffmpeg-libs}"
+python_bin="${PYTHON:-python3}"
+
+shopt -s nullglob
+wheels=("$wheel_dir"/av-*.whl "$wheel_dir"/torchcodec-*.whl)
+shopt -u nullglob
+if ((${#wheels[@]} == 0)); then
+    echo "no av/torchcodec wheels in $wheel_dir" >&2
+    exit 1
+fi
+"$python_bin" -m pip install --quiet --no-index --no-deps "${wheels[@]}"
+
+av_libs="$("$python_bin" -c 'import av, os; print(os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs"))')"
+mkdir -p "$link_dir"
+linked=0
+for library in avutil avcodec avformat avdevice avfilter swscale swresample; do
+    for path in "$av_libs"/lib"$library"-*.so.*; do
+        [[ -e "$path" ]] || continue
+        # libavcodec-5e6b81c2.so.62.28.102 -> libavcodec.so.62
+        major="$(basename "$path" | sed -E 's/^lib[a-z]+-[0-9a-f]+\.so\.([0-9]+).*/\1/')"
+        ln -sf "$path" "$link_dir/lib$library.so.$major"
+        linked=$((linked + 1))
+    done
+done
+if ((linked != 7)); then
+    echo "expected 7 FFmpeg libraries in $av_libs, linked $linked" >&2
+    exit 1
+fi
+
+export LD_LIBRARY_PATH="$link_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+"$python_bin" - <<'PY'
+import av, torch, torchcodec
+from torchcodec.decoders import VideoDecoder  # loads libtorchcodec_core against the linked FFmpeg
+print(f"PyAV {av.__version__}, torchcodec {torchcodec.__version__}, torch {torch.__version__}, "
+      f"CUDA {torch.cuda.is_available()} ({torch.cuda.device_count()} GPUs)")
+PY
+echo "export LD_LIBRARY_PATH=$LD_LIBRARY_PATH"

@@ -41,6 +41,7 @@ from spaceserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_EMPTY_STEP_WAIT_S = 0.0005
 
 
 class EngineDeadError(SpaceServeError, RuntimeError):
@@ -53,6 +54,7 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
+    """Not yet scheduled: waiting in the LM scheduler or for their videos to be decoded."""
     num_kv_blocks: int = 0
     num_free_kv_blocks: int = 0
     kv_cache_usage: float = 0.0
@@ -279,10 +281,20 @@ class AsyncLLM:
             return
         built.set_result(engine)
         self._publish_stats(engine)
+        stepped_empty = False
         try:
             while True:
-                # block while idle; otherwise take whatever arrived since the last step and keep stepping
-                commands = [self._commands.get()] if not engine.has_unfinished_requests() else []
+                # Block while idle; otherwise take whatever arrived since the last step and keep stepping. After a
+                # step with nothing to do (work in flight elsewhere: video decoding, a concurrent encoder) wait a
+                # moment for a command instead of spinning on step().
+                commands = []
+                if not engine.has_unfinished_requests():
+                    commands.append(self._commands.get())
+                elif stepped_empty:
+                    try:
+                        commands.append(self._commands.get(timeout=_EMPTY_STEP_WAIT_S))
+                    except queue.Empty:
+                        pass
                 while True:
                     try:
                         commands.append(self._commands.get_nowait())
@@ -294,7 +306,9 @@ class AsyncLLM:
                         return
                     self._execute(engine, command)
                 if engine.has_unfinished_requests():
-                    self._dispatch(engine.step())
+                    outputs = engine.step()
+                    stepped_empty = not outputs
+                    self._dispatch(outputs)
                 self._publish_stats(engine)
         except Exception as exc:  # noqa: BLE001 - any engine failure ends every stream with a clear error
             logger.exception("engine loop failed")
@@ -348,7 +362,7 @@ class AsyncLLM:
         kv = engine.kv_manager
         self._stats = EngineStats(
             num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting,
+            num_waiting=engine.scheduler.num_waiting + engine.num_decoding,
             num_kv_blocks=kv.num_blocks,
             num_free_kv_blocks=kv.num_free_blocks,
             kv_cache_usage=kv.usage,

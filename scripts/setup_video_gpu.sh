@@ -2,10 +2,9 @@
 # Install the video wheels carried in .whl/ (PyAV, torchcodec CUDA build) on the GPU machine, which has no network,
 # and give torchcodec FFmpeg's shared libraries: PyAV bundles them under hashed names (av.libs/libavcodec-<hash>.so.62...),
 # torchcodec asks for the standard sonames (libavcodec.so.62, ...), so a folder of symlinks under the standard names
-# must be on LD_LIBRARY_PATH before Python starts. Prints the export line to use; `source` this script to get it set.
+# must be on LD_LIBRARY_PATH before Python starts. Diagnostics go to stderr, the export line to stdout:
 #
-#   bash scripts/setup_video_gpu.sh            # install, link, check, print the export line
-#   source scripts/setup_video_gpu.sh          # same, and LD_LIBRARY_PATH is set in this shell
+#   eval "$(bash scripts/setup_video_gpu.sh)"     # install, link, check torchcodec loads, set LD_LIBRARY_PATH
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,10 +19,15 @@ if ((${#wheels[@]} == 0)); then
     echo "no av/torchcodec wheels in $wheel_dir" >&2
     exit 1
 fi
-"$python_bin" -m pip install --quiet --no-index --no-deps "${wheels[@]}"
+"$python_bin" -m pip install --quiet --no-index --no-deps "${wheels[@]}" >&2
 
 av_libs="$("$python_bin" -c 'import av, os; print(os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs"))')"
 mkdir -p "$link_dir"
+# The libraries find each other by their hashed names through $ORIGIN, which is the folder they are loaded from:
+# the link folder holds every bundled library under its own name too.
+for path in "$av_libs"/*.so*; do
+    ln -sf "$path" "$link_dir/$(basename "$path")"
+done
 linked=0
 for library in avutil avcodec avformat avdevice avfilter swscale swresample; do
     for path in "$av_libs"/lib"$library"-*.so.*; do
@@ -40,7 +44,7 @@ if ((linked != 7)); then
 fi
 
 export LD_LIBRARY_PATH="$link_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-"$python_bin" - <<'PY'
+"$python_bin" - >&2 <<'PY'
 import av, torch, torchcodec
 from torchcodec.decoders import VideoDecoder  # loads libtorchcodec_core against the linked FFmpeg
 print(f"PyAV {av.__version__}, torchcodec {torchcodec.__version__}, torch {torch.__version__}, "

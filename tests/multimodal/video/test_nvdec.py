@@ -57,11 +57,12 @@ def test_nvdec_numbering_and_pixels_match_pyav(kind, clips):
     indices = list(range(0, 192, 7))
     gpu = decode_frames(clips[kind], indices, device="cuda").frames.cpu().to(torch.int16)
     cpu = decode_frames(clips[kind], list(range(192)), backend="pyav").frames.to(torch.int16)
-    # Conversions differ by a few levels; the same index must be the nearest CPU frame by far.
+    # The RGB conversions differ by a few levels; motion makes the same index the nearest CPU frame by far.
     for row, frame_index in enumerate(indices):
         distances = (cpu - gpu[row]).abs().float().mean(dim=(1, 2, 3))
-        assert int(distances.argmin()) == frame_index
-        assert float(distances[frame_index]) < 3.0
+        nearest = distances.topk(2, largest=False)
+        assert int(nearest.indices[0]) == frame_index, (frame_index, nearest)
+        assert float(distances[frame_index]) < 8.0, float(distances[frame_index])
 
 
 def test_profile_nvdec_cannot_decode_falls_back_to_cpu_frames_on_gpu():

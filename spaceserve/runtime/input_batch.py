@@ -37,6 +37,9 @@ class ImageSplice:
 
 @dataclass(frozen=True)
 class ModelInputs:
+    """Device tensors are views of the staging buffer: valid until the next step's inputs are copied in (on the
+    device that is stream-ordered after this step's work)."""
+
     input_ids: torch.Tensor  # [padded tokens] int64
     positions: torch.Tensor  # [3, padded tokens] int64
     attn_metadata: AttentionMetadata
@@ -124,6 +127,7 @@ class InputBatch:
                     f"({self.max_blocks_per_seq})"
                 )
             self.block_table[cached.row, :num] = ids
+            self.block_table[cached.row, num:] = 0
         cached.num_blocks, cached.first_block, cached.last_block = num, ids[0], ids[-1]
         return cached
 

@@ -76,6 +76,8 @@ class ModelRunner:
         self._sampled_done = [torch.cuda.Event() if pin else None for _ in range(_NUM_OUTPUT_BUFFERS)]
         self._next_output = 0
         self.cuda_graphs: DecodeCUDAGraphs | None = None
+        self.num_graphed_steps = 0
+        self.num_eager_steps = 0
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -113,8 +115,10 @@ class ModelRunner:
             inputs = self.input_batch.prepare(scheduled, pad_to=padded)
             if padded is not None:
                 logits = self.cuda_graphs.replay(padded)[: len(inputs.sampled_request_ids)]
+                self.num_graphed_steps += 1
             else:
                 logits = self._eager_logits(inputs, encoder_outputs)
+                self.num_eager_steps += 1
             if not inputs.sampled_request_ids:
                 return StepHandle((), None, None, graphed=False)
             tokens = sample_on_device(logits, inputs.sampling)

@@ -26,6 +26,7 @@ DEFAULT_DECODE_SPLIT_TOKENS = 256
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graphs = True  # the decode path reads only device tensors and launches a shape-fixed grid
 
     def __init__(self, decode_split_tokens: int = DEFAULT_DECODE_SPLIT_TOKENS, decode_block_n: int = 64) -> None:
         """decode_split_tokens: context tokens per decode program (a power of two); fixed, so results do not depend

@@ -112,24 +112,29 @@ class ProfiledMemory:
     cuda_graph_bytes: int
 
 
+WarmUp = Callable[[], "int | None"]
+"""Runs one warm-up; may return bytes of scratch state it allocated that a real step would not (a scratch KV
+cache), which are discounted from its peak."""
+
+
 def profile_memory(
     reader: MemoryReader,
-    run_language_model: Callable[[], None],
-    run_encoder: Callable[[], None] | None,
-    run_decode_graph_size: Callable[[], None] | None,
+    run_language_model: WarmUp,
+    run_encoder: WarmUp | None,
+    run_decode_graph_size: WarmUp | None,
     cuda_graph_buffer_bytes: int = 0,
 ) -> ProfiledMemory:
     """Run each warm-up and read the peak it adds over what is allocated before it (the weights)."""
     reader.synchronize()
     weights = reader.allocated()
 
-    def peak_of(run: Callable[[], None] | None) -> int:
+    def peak_of(run: WarmUp | None) -> int:
         if run is None:
             return 0
         reader.reset_peak()
-        run()
+        scratch = run() or 0
         reader.synchronize()
-        return max(reader.peak_allocated() - weights, 0)
+        return max(reader.peak_allocated() - weights - scratch, 0)
 
     lm_peak = peak_of(run_language_model)
     encoder_peak = peak_of(run_encoder)

@@ -6,8 +6,10 @@ Stable interface (the engine and the benchmarks time it):
 - `launch(scheduled, encoder_outputs) -> StepHandle`: enqueue everything on the runner's stream; no host sync.
 - `collect(handle) -> ModelRunnerOutput`: wait for that step's sampled ids (the step's one device->host sync).
 - `execute(scheduled, encoder_outputs)` = `collect(launch(...))`.
-All work runs on `stream` (default: the current stream at construction), graphs included, so a runner built on a
-partition's stream keeps its whole step on that partition.
+All work runs on `stream`, graphs included, so a runner built on a partition's stream keeps its whole step on that
+partition. Default: the current stream, unless that is the legacy default stream, on which CUDA cannot capture
+graphs; then a stream of the runner's own. Each launch first waits for work queued on the caller's stream
+(encoder outputs).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.vocab_size = self.language_model.cfg.vocab_size
-        self.stream = stream if stream is not None or device.type != "cuda" else torch.cuda.current_stream(device)
+        self.stream = stream if stream is not None or device.type != "cuda" else _runner_stream(device)
         self.input_batch = InputBatch(
             max_num_tokens=max_num_tokens,
             max_num_seqs=max_num_seqs,
@@ -167,17 +169,19 @@ class ModelRunner:
     # ---- memory profiling --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> None:
+    def profile_run(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> int:
         """The largest eager step, for peak memory: a prefill of `num_tokens` prompt tokens in as few sequences as
         max_model_len allows (the largest attention), over a scratch KV cache just large enough; then sampling
-        `max_num_seqs` rows with top-k/top-p (the largest sampler)."""
+        `max_num_seqs` rows with top-k/top-p (the largest sampler). Returns the scratch KV bytes, which a real step
+        does not add (the KV cache is budgeted separately)."""
         if not self.kv_caches:
             raise RuntimeError("profile_run copies the KV layout from the runner's caches (allocate one block each)")
         lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
         blocks_needed = sum(-(-n // self.block_size) for n in lengths)
         saved = self.kv_caches
         shape = (2, blocks_needed, *saved[0].shape[2:])
-        self.kv_caches = [torch.empty(shape, dtype=saved[0].dtype, device=self.device) for _ in saved]
+        scratch = [torch.empty(shape, dtype=saved[0].dtype, device=self.device) for _ in saved]
+        self.kv_caches = scratch
         generator = torch.Generator().manual_seed(0)
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=1)
         sequences, next_block = [], 0
@@ -199,6 +203,7 @@ class ModelRunner:
         sample_on_device(logits, sampling_metadata_from_rows(rows, self.vocab_size, self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return sum(cache.numel() * cache.element_size() for cache in scratch)
 
     @torch.inference_mode()
     def profile_decode_step(self, size: int) -> None:
@@ -207,3 +212,8 @@ class ModelRunner:
         with self._on_stream():
             inputs = self.input_batch.prepare(SchedulerOutput(()), pad_to=size)
             self._decode_logits(inputs)
+
+
+def _runner_stream(device: torch.device) -> torch.cuda.Stream:
+    current = torch.cuda.current_stream(device)
+    return torch.cuda.Stream(device) if current == torch.cuda.default_stream(device) else current

@@ -28,12 +28,13 @@ class FakeDevice:
         self.peak = weights
         self.cached = 0
 
-    def run(self, nbytes: int):
+    def run(self, nbytes: int, scratch: int = 0):
         def go():
-            self.current += nbytes
+            self.current += nbytes + scratch
             self.peak = max(self.peak, self.current)
-            self.current -= nbytes
-            self.cached = max(self.cached, nbytes)
+            self.current -= nbytes + scratch
+            self.cached = max(self.cached, nbytes + scratch)
+            return scratch
 
         return go
 
@@ -62,7 +63,10 @@ def test_profiled_plan_gives_the_kv_cache_what_is_left():
     non_torch, weights = rng.randint(1, 900) << 20, rng.randint(4, 30) * GIB
     lm, encoder, graph = rng.randint(1, 4000) << 20, rng.randint(1, 4000) << 20, rng.randint(1, 300) << 20
     device = FakeDevice(total, non_torch, weights)
-    profiled = profile_memory(device, device.run(lm), device.run(encoder), device.run(graph), cuda_graph_buffer_bytes=77)
+    profiled = profile_memory(
+        device, device.run(lm, scratch=rng.randint(1, 500) << 20), device.run(encoder), device.run(graph), cuda_graph_buffer_bytes=77
+    )
+    assert profiled.non_torch_bytes == non_torch  # the cached scratch counts as torch's, not as someone else's
     assert profiled == ProfiledMemory(total, non_torch, weights, lm, encoder, graph + 77)
 
     per_block = rng.randint(1, 64) << 16

@@ -75,7 +75,7 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(llm, clip
     ]
     outputs = _run(engine)
     tokens = {rid: o.outputs[0].token_ids for rid, o in outputs.items()}
-    assert all(o.error is None for o in outputs.values())
+    assert all(o.error is None for o in outputs.values()), {rid: o.error for rid, o in outputs.items()}
     assert len(set(map(tuple, tokens.values()))) == 1, tokens
     plan = plan_video(len(indices), 48, 64, llm.llm_engine.config.image_config, VideoProcessingParams(**SMALL))
     expected = preprocess_video(torch.from_numpy(frames[indices]), plan, llm.llm_engine.config.image_config)

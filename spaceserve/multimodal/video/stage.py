@@ -102,8 +102,11 @@ class VideoDecodeStage:
         num_workers: int,
         cache_bytes: int,
         backend: str = "auto",
+        decoders: Any = None,
     ) -> None:
+        """`decoders`: a VideoDecoderPool to decode each video GOP-parallel (FlashCodec); None: one session."""
         self.image_config = image_config
+        self.decoders = decoders
         self.device = torch.device(device)
         self.backend = backend
         self.cache = ProcessedVideoCache(cache_bytes)
@@ -139,7 +142,9 @@ class VideoDecodeStage:
             return frames.to(self.device)
         from spaceserve.multimodal.video.decode import decode_frames
 
-        decoded = decode_frames(bytes(content), list(work.frame_indices or ()), device=self.device, backend=self.backend)
+        decoded = decode_frames(
+            bytes(content), list(work.frame_indices or ()), device=self.device, backend=self.backend, decoders=self.decoders
+        )
         frames = decoded.frames
         if frames.shape[0] != len(work.frame_indices or ()):
             raise InvalidInputError(f"decoder returned {frames.shape[0]} frames for {len(work.frame_indices or ())} asked")

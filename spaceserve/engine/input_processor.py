@@ -111,7 +111,9 @@ class InputProcessor:
             raise InvalidInputError("'multi_modal_data' must be a dict like {'image': [...], 'video': [...]}")
         unsupported = set(mm_data) - {"image", "video"}
         if unsupported:
-            raise InvalidInputError(f"unsupported modalities {sorted(unsupported)}; this engine takes 'image' and 'video'")
+            raise InvalidInputError(
+                f"unsupported modalities {sorted(unsupported)}; this engine takes 'image' and 'video'"
+            )
         items = {}
         for modality in ("image", "video"):
             value = mm_data.get(modality, [])

@@ -4,6 +4,8 @@ reference preprocessing, so a mismatch points at the model side rather than the 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,50 @@ def test_batch_of_video_prompts_with_small_chunks_matches_transformers(case):
     llm = make_llm(str(path), max_num_batched_tokens=16, block_size=4)
     assert _tokens(llm.generate(prompts[::-1] + prompts, GREEDY)) == expected[::-1] + expected
     llm.llm_engine.check_idle_integrity()
+
+
+@functools.cache
+def _rope_reference(architecture: str):
+    import transformers
+
+    from tests.tiny_checkpoints import preset_config
+
+    config_class, model_class = {
+        "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLModel),
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLModel),
+    }[architecture]
+    return model_class(config_class(**preset_config(architecture)))
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("seconds_per_grid", [1.0, 2.0, 3.0])
+def test_mrope_positions_equal_transformers_for_whole_second_grids(architecture, seconds_per_grid):
+    """Where transformers 5.17 agrees with Qwen's rule (whole seconds per grid step, temporal extent inside the
+    spatial one; models/mrope.py documents the fractional case where we follow Qwen/vLLM instead)."""
+    import torch
+
+    from spaceserve.models.config import ModelConfig
+    from spaceserve.models.mrope import mrope_positions_for_config
+    from tests.tiny_checkpoints import preset_config
+
+    raw = preset_config(architecture)
+    reference = _rope_reference(architecture)
+    rng = np.random.default_rng(int(seconds_per_grid))
+    video_grids, image_grids = [(2, 16, 12), (3, 20, 28)], [(1, 6, 8)]
+    ids = _prompt(rng, len(video_grids), with_image=True)
+    expanded, video_iter, image_iter = [], iter(video_grids), iter(image_grids)
+    for token in ids:
+        grid = next(video_iter) if token == VIDEO_PAD else next(image_iter) if token == IMAGE_PAD else None
+        expanded += [token] * (1 if grid is None else int(np.prod(grid)) // 4)
+    seconds = [seconds_per_grid] * len(video_grids)
+    ours, delta = mrope_positions_for_config(expanded, image_grids, video_grids, ModelConfig.from_hf_dict(raw), seconds)
+    input_ids = torch.tensor([expanded])
+    kwargs = {"second_per_grid_ts": torch.tensor(seconds)} if architecture == "qwen2_5_vl" else {}
+    theirs, their_delta = reference.get_rope_index(
+        input_ids,
+        mm_token_type_ids=(input_ids == IMAGE_PAD).int() + 2 * (input_ids == VIDEO_PAD).int(),
+        image_grid_thw=torch.tensor(image_grids),
+        video_grid_thw=torch.tensor(video_grids),
+        **kwargs,
+    )
+    assert torch.equal(ours, theirs[:, 0]) and delta == int(their_delta)

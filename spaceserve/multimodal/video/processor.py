@@ -95,7 +95,9 @@ def plan_video(
 def preprocess_video(frames: torch.Tensor, plan: VideoPlan, cfg: ImageProcessorConfig) -> ProcessedVideo:
     """uint8 [T, H, W, 3] frames (any device) -> ProcessedVideo on the same device."""
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-        raise InvalidInputError(f"expected uint8 frames of shape [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+        raise InvalidInputError(
+            f"expected uint8 frames of shape [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
+        )
     if frames.shape[0] != plan.num_frames:
         raise InvalidInputError(f"got {frames.shape[0]} frames, the plan expects {plan.num_frames}")
     channels_first = frames.permute(0, 3, 1, 2).contiguous()  # [T, 3, H, W], the layout transformers resizes

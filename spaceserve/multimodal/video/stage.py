@@ -142,14 +142,17 @@ class VideoDecodeStage:
             return frames.to(self.device)
         from spaceserve.multimodal.video.decode import decode_frames
 
+        indices = list(work.frame_indices or ())
         decoded = decode_frames(
-            bytes(content), list(work.frame_indices or ()), device=self.device, backend=self.backend, decoders=self.decoders
+            bytes(content), indices, device=self.device, backend=self.backend, decoders=self.decoders
         )
         frames = decoded.frames
-        if frames.shape[0] != len(work.frame_indices or ()):
-            raise InvalidInputError(f"decoder returned {frames.shape[0]} frames for {len(work.frame_indices or ())} asked")
+        if frames.shape[0] != len(indices):
+            raise InvalidInputError(f"decoder returned {frames.shape[0]} frames for {len(indices)} asked")
         if tuple(frames.shape[1:3]) != work.source_hw:
-            raise InvalidInputError(f"decoded frames are {tuple(frames.shape[1:3])} (HxW), the probe said {work.source_hw}")
+            raise InvalidInputError(
+                f"decoded frames are {tuple(frames.shape[1:3])} (HxW), the probe said {work.source_hw}"
+            )
         return frames
 
 

@@ -68,7 +68,9 @@ def test_unsamplable_clips_raise(total, fps, params, message):
         sample_frame_indices(total, fps, params)
 
 
-@pytest.mark.parametrize("kwargs", [{"fps": 0}, {"fps": float("nan")}, {"min_frames": 9, "max_frames": 4}, {"num_frames": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"fps": 0}, {"fps": float("nan")}, {"min_frames": 9, "max_frames": 4}, {"num_frames": 0}]
+)
 def test_bad_settings_raise(kwargs):
     with pytest.raises(InvalidInputError):
         VideoSamplingParams(**kwargs)

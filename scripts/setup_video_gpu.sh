@@ -43,7 +43,17 @@ if ((linked != 7)); then
     exit 1
 fi
 
-export LD_LIBRARY_PATH="$link_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# torchcodec's CUDA build also needs libnvrtc.so.13 and libcudart.so.13; torch's CUDA wheels carry them under
+# site-packages/nvidia/.../lib, which is not on the loader's path unless torch already loaded them.
+cuda_lib_dirs="$("$python_bin" - <<'PY'
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+found = {os.path.dirname(p) for r in roots for name in ("libnvrtc.so.13", "libcudart.so.13")
+         for p in glob.glob(os.path.join(r, "nvidia", "**", name), recursive=True)}
+print(":".join(sorted(found)))
+PY
+)"
+export LD_LIBRARY_PATH="$link_dir${cuda_lib_dirs:+:$cuda_lib_dirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$python_bin" - >&2 <<'PY'
 import av, torch, torchcodec
 from torchcodec.decoders import VideoDecoder  # loads libtorchcodec_core against the linked FFmpeg

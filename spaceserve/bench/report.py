@@ -111,7 +111,10 @@ def spaceserve_version() -> str | None:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(commit, tree has uncommitted changes) of this checkout; SPACESERVE_COMMIT where there is no git."""
+    """(commit, tree has uncommitted changes) of this checkout. SPACESERVE_COMMIT, when set, wins: a copy of the tree
+    shipped to another machine may carry a stale .git."""
+    if os.environ.get("SPACESERVE_COMMIT"):
+        return os.environ["SPACESERVE_COMMIT"], None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True, check=True, timeout=10

@@ -35,7 +35,7 @@ class TritonAttentionBackend(AttentionBackend):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{label} must be a power of two >= 16, got {value}")
         self.decode_split_tokens = decode_split_tokens
-        self.decode_block_n = min(16 if interpreting() else decode_block_n, decode_split_tokens)
+        self.decode_block_n = min(decode_block_n, decode_split_tokens)
         self._prefill_work: tuple[AttentionMetadata, int, torch.Tensor] | None = None
 
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:

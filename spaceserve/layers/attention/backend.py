@@ -3,6 +3,12 @@
 A step's tokens are packed: sequence b owns query rows query_start_loc[b]:query_start_loc[b+1] and, after this
 step, seq_lens[b] tokens of context whose K/V live in the blocks listed in block_tables[b]. The new tokens are the
 last query_len of them, so prefill, chunked prefill over a cached prefix and decode are one case.
+
+Graphed decode passes persistent padded tensors: query_start_loc = arange, seq_lens 0 and slot_mapping -1 in the
+padding rows, block_tables [B_graph, max_blocks_per_seq] padded with 0, query_lens_cpu = (1,) * B_graph, and a
+seq_lens_cpu that is stale between replays. A backend's decode path (max_query_len == 1) therefore reads only the
+device tensors, skips slots < 0, and never uses seq_lens_cpu or max_seq_len (the torch reference does, so it is
+not graph-capturable).
 """
 
 from __future__ import annotations

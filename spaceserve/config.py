@@ -72,10 +72,24 @@ class VideoConfig:
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     """Server-wide mm_processor_kwargs (fps, num_frames, min_frames, max_frames, min_pixels, max_pixels,
     max_video_tokens); a request's own mm_processor_kwargs override them."""
+    decoder_sessions_per_gpu: int = 4
+    """NVDEC sessions per decoding GPU that one video is split across along GOP boundaries (FlashCodec); the
+    sessions live as long as the engine. 0: no decoder pool, each video is decoded by one session."""
+    decoder_cpu_sessions: int | None = None
+    """PyAV sessions (one thread each) for GOP-parallel decoding on the CPU; None: one per core."""
+    decode_gpus: tuple[int, ...] | None = None
+    """CUDA devices whose decoders take part (frames are copied to the engine's device); None: the engine's GPU."""
 
     def __post_init__(self) -> None:
         if self.max_duration_s <= 0 or self.decode_workers < 1 or self.cache_bytes < 0:
             raise ConfigError("video max_duration_s must be > 0, decode_workers >= 1 and cache_bytes >= 0")
+        if self.decoder_sessions_per_gpu < 0:
+            raise ConfigError(f"video decoder sessions per GPU must be >= 0, got {self.decoder_sessions_per_gpu}")
+        if self.decoder_cpu_sessions is not None and self.decoder_cpu_sessions < 1:
+            raise ConfigError(f"video decoder CPU sessions must be >= 1, got {self.decoder_cpu_sessions}")
+        gpus = self.decode_gpus
+        if gpus is not None and (not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
+            raise ConfigError(f"video decode GPUs must be distinct CUDA device indices, got {gpus}")
 
 
 @dataclass(frozen=True)

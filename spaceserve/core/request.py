@@ -75,6 +75,7 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.encoder_enqueued_time: float | None = None
         self.encoder_scheduled_time: float | None = None
+        self.encoder_end_time: float | None = None  # the encoder batch holding its last item finished
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.video_decode_start_time: float | None = None

@@ -50,6 +50,12 @@ class EngineArgs:
     video_decode_workers: int = 4
     video_decode_backend: str = "auto"
     video_cache_bytes: int = 1 << 30
+    video_decoder_sessions: int = 4
+    """NVDEC sessions per decoding GPU for GOP-parallel decoding (FlashCodec); 0 decodes each video in one session."""
+    video_decoder_cpu_sessions: int | None = None
+    """PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)."""
+    video_decode_gpus: str | tuple[int, ...] | None = None
+    """GPUs whose decoders take part: "all" or device indices (default: the engine's GPU)."""
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -97,6 +103,9 @@ class EngineArgs:
                 decode_backend=self.video_decode_backend,
                 cache_bytes=self.video_cache_bytes,
                 processor_kwargs=dict(self.mm_processor_kwargs or {}),
+                decoder_sessions_per_gpu=self.video_decoder_sessions,
+                decoder_cpu_sessions=self.video_decoder_cpu_sessions,
+                decode_gpus=_resolve_decode_gpus(self.video_decode_gpus),
             ),
             encoder=EncoderConfig(
                 policy=self.encoder_policy,  # type: ignore[arg-type]
@@ -151,10 +160,44 @@ class EngineArgs:
         parser.add_argument("--video-decode-workers", type=int, default=4)
         parser.add_argument("--video-decode-backend", default="auto")
         parser.add_argument("--video-cache-bytes", type=int, default=1 << 30)
+        parser.add_argument(
+            "--video-decoder-sessions",
+            type=int,
+            default=4,
+            help="NVDEC sessions per GPU that one video is split across along GOP boundaries; 0: one session per video",
+        )
+        parser.add_argument(
+            "--video-decoder-cpu-sessions",
+            type=int,
+            default=None,
+            help="PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)",
+        )
+        parser.add_argument(
+            "--video-decode-gpus",
+            default=None,
+            help="GPUs whose NVDEC decoders take part: 'all' or indices like 0,1 (default: the engine's GPU)",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _resolve_decode_gpus(gpus: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """None, "all" (every visible GPU; none without CUDA) or indices as a tuple or "0,1" -> a tuple or None."""
+    if gpus is None:
+        return None
+    if isinstance(gpus, str):
+        if gpus.strip() == "all":
+            return tuple(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+        try:
+            gpus = tuple(int(item) for item in gpus.split(","))
+        except ValueError:
+            raise ConfigError(f"video_decode_gpus must be 'all' or device indices like 0,1, got {gpus!r}") from None
+    gpus = tuple(gpus)
+    if torch.cuda.is_available() and gpus and max(gpus) >= torch.cuda.device_count():
+        raise ConfigError(f"video_decode_gpus names {max(gpus)}, but only {torch.cuda.device_count()} GPUs are visible")
+    return gpus
 
 
 def _parse_limits(text: str) -> dict[str, int]:

@@ -393,6 +393,10 @@ class AsyncLLM:
                 pass
         self._sinks.clear()
         self._publish_stats_safely(engine)
+        try:
+            engine.shutdown()  # the video decode stage and its decoder sessions
+        except Exception:  # noqa: BLE001 - already stopping; nothing more to do with the error
+            logger.exception("engine shutdown failed")
 
     def _publish_stats_safely(self, engine: LLMEngine) -> None:
         try:

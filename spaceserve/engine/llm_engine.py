@@ -27,7 +27,7 @@ from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.runner_setup import build_model_runner
-from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage
+from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage, build_decoder_pool
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
 from spaceserve.sched.scheduler import Scheduler
 from spaceserve.tokenizer import load_tokenizer
@@ -65,14 +65,19 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_cache, self.encoder_scheduler)
         self.encoder_runner = EncoderRunner(self.model, self.device)
         self.encoder_outputs: dict[str, torch.Tensor] = {}
+        # CUDA events recorded after encoder batches, resolved to encoder_end_time once the step has synced
+        self._encoder_end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []
 
         self.input_processor = InputProcessor(config, self.tokenizer)
+        # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
+        self.video_decoders = build_decoder_pool(config.video, self.device)
         self.video_stage = VideoDecodeStage(
             config.image_config,
             self.device,
             num_workers=config.video.decode_workers,
             cache_bytes=config.video.cache_bytes,
             backend=config.video.decode_backend,
+            decoders=self.video_decoders,
         )
         self._decoding: dict[str, _PendingDecode] = {}  # requests whose videos the decode stage is still making
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -142,6 +147,7 @@ class LLMEngine:
         encoded = self._run_encoder()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
+            self._resolve_encoder_end_times()
             if self._decoding and not encoded and not self.encoder_scheduler.has_work:
                 # nothing else to run: wait a moment for a decode rather than spin (new work is picked up next step)
                 wait([f for p in self._decoding.values() for _, f in p.futures], _IDLE_DECODE_WAIT_S, FIRST_COMPLETED)
@@ -154,6 +160,7 @@ class LLMEngine:
                 )
             return failed
         runner_output = self.model_runner.execute(scheduled, self.encoder_outputs)
+        self._resolve_encoder_end_times()
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         now = time.monotonic()
         for request in updated:
@@ -218,11 +225,42 @@ class LLMEngine:
         for mm_hash, rows in embeddings.items():
             self.encoder_outputs[mm_hash] = rows
             self.encoder_cache.mark_ready(mm_hash)
+        if self.device.type == "cuda":
+            finished = torch.cuda.Event(enable_timing=True)
+            finished.record(torch.cuda.current_stream(self.device))
+            self._encoder_end_events.append((finished, batch.request_ids))
+        else:
+            self._stamp_encoder_end(batch.request_ids, time.monotonic())
         return True
+
+    def _resolve_encoder_end_times(self) -> None:
+        """Turn the CUDA events recorded after encoder batches into time.monotonic() stamps. Called once the step's
+        own sync has passed them, so the marker below completes at once and timing costs no extra wait."""
+        if not self._encoder_end_events:
+            return
+        marker = torch.cuda.Event(enable_timing=True)
+        marker.record(torch.cuda.current_stream(self.device))
+        marker.synchronize()
+        now = time.monotonic()
+        for finished, request_ids in self._encoder_end_events:
+            self._stamp_encoder_end(request_ids, now - finished.elapsed_time(marker) / 1e3)
+        self._encoder_end_events.clear()
+
+    def _stamp_encoder_end(self, request_ids: frozenset[str], end_time: float) -> None:
+        for request_id in request_ids:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                request.encoder_end_time = end_time
 
     def _forget(self, request: Request) -> None:
         self.output_processor.remove_request(request.request_id)
         self.model_runner.release(request.request_id)
+
+    def shutdown(self) -> None:
+        """Stop the video decode stage and close the decoder sessions. Idempotent."""
+        self.video_stage.shutdown()
+        if self.video_decoders is not None:
+            self.video_decoders.close()
 
     # ---- introspection -----------------------------------------------------------------------------------
 

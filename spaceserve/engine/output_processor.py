@@ -24,6 +24,7 @@ _TIMESTAMPS = (
     "first_scheduled_time",
     "encoder_enqueued_time",
     "encoder_scheduled_time",
+    "encoder_end_time",
     "first_token_time",
     "finished_time",
 )

@@ -4,24 +4,35 @@ The engine submits one `VideoWork` per video when a request arrives and polls th
 reads and hashes the video, looks the result up in a bounded LRU cache of processed videos, and on a miss decodes
 only the sampled frames (on the engine's device where a GPU decoder can) and resizes, normalises and patchifies
 them there. Errors surface as the future's exception (InvalidInputError naming the problem).
+
+`build_decoder_pool` makes the engine's VideoDecoderPool (FlashCodec): each video is split along GOP boundaries
+across its decoder sessions (NVDEC on the engine's GPU or the configured GPUs, PyAV threads on the CPU when NVDEC
+cannot decode), sessions kept for the engine's lifetime.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spaceserve.config import VideoConfig
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.models.config import ImageProcessorConfig
 from spaceserve.multimodal.hashing import hash_video
 from spaceserve.multimodal.video.processor import ProcessedVideo, VideoPlan, preprocess_video
+
+if TYPE_CHECKING:  # flashcodec needs PyAV, which the engine only imports once a video arrives
+    from spaceserve.multimodal.video.flashcodec import VideoDecoderPool
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,36 @@ def _nbytes(video: ProcessedVideo) -> int:
     return video.pixel_values.numel() * video.pixel_values.element_size()
 
 
+def build_decoder_pool(video: VideoConfig, device: torch.device | str) -> VideoDecoderPool | None:
+    """The engine's decoder sessions: `decoder_sessions_per_gpu` NVDEC sessions on each decoding GPU (the engine's
+    own unless `decode_gpus` names others; none when the engine runs on the CPU) and `decoder_cpu_sessions` PyAV
+    sessions for videos decoded on the CPU. None when decoder_sessions_per_gpu is 0 (one session per video).
+    Sessions start on first use, so a pool costs nothing until a video arrives."""
+    if video.decoder_sessions_per_gpu == 0:
+        logger.info("video decoding: no decoder pool, each video decoded by one session")
+        return None
+    try:
+        from spaceserve.multimodal.video.flashcodec import DecoderPoolConfig, VideoDecoderPool
+    except ImportError as exc:  # PyAV missing: video requests fail when decoded, the engine still serves the rest
+        logger.warning("video decoding unavailable, no decoder pool: %s", exc)
+        return None
+    device = torch.device(device)
+    gpus: tuple[int, ...] = ()
+    if device.type == "cuda":
+        gpus = video.decode_gpus or (device.index if device.index is not None else torch.cuda.current_device(),)
+    config = DecoderPoolConfig(
+        cpu_sessions=video.decoder_cpu_sessions or os.cpu_count() or 1,
+        gpu_sessions_per_device=video.decoder_sessions_per_gpu,
+        gpu_devices=gpus,
+    )
+    logger.info(
+        "video decoding: GOP-parallel over %s; %d PyAV sessions where the CPU decodes",
+        f"{config.gpu_sessions_per_device} NVDEC sessions on each of cuda:{list(gpus)}" if gpus else "no GPU",
+        config.cpu_sessions,
+    )
+    return VideoDecoderPool(config)
+
+
 class VideoDecodeStage:
     def __init__(
         self,
@@ -102,7 +143,7 @@ class VideoDecodeStage:
         num_workers: int,
         cache_bytes: int,
         backend: str = "auto",
-        decoders: Any = None,
+        decoders: VideoDecoderPool | None = None,
     ) -> None:
         """`decoders`: a VideoDecoderPool to decode each video GOP-parallel (FlashCodec); None: one session."""
         self.image_config = image_config
@@ -143,9 +184,12 @@ class VideoDecodeStage:
         from spaceserve.multimodal.video.decode import decode_frames
 
         indices = list(work.frame_indices or ())
-        decoded = decode_frames(
-            bytes(content), indices, device=self.device, backend=self.backend, decoders=self.decoders
-        )
+        # Decoder sessions are threads outside inference mode writing into the frame buffer: it must be a normal
+        # tensor (inference tensors refuse in-place writes outside inference mode).
+        with torch.inference_mode(False):
+            decoded = decode_frames(
+                bytes(content), indices, device=self.device, backend=self.backend, decoders=self.decoders
+            )
         frames = decoded.frames
         if frames.shape[0] != len(indices):
             raise InvalidInputError(f"decoder returned {frames.shape[0]} frames for {len(indices)} asked")

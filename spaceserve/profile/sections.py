@@ -246,6 +246,8 @@ def run_decode(settings: ReportSettings, holder: EngineHolder, section: dict, co
                 row["pass"] = _all_known(ratio_pass, cpu_pass)
                 if not host.exact:
                     row["note"] = "CPU figure is an upper bound (runner has no launch/collect)"
+        # drop our references before the holder builds the next model, or both engines' KV caches coexist
+        del engine, runner
 
 
 def run_prefill(settings: ReportSettings, holder: EngineHolder, section: dict, context: dict) -> None:

@@ -78,7 +78,9 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(llm, clip
     assert all(o.error is None for o in outputs.values()), {rid: o.error for rid, o in outputs.items()}
     assert len(set(map(tuple, tokens.values()))) == 1, tokens
     plan = plan_video(len(indices), 48, 64, llm.llm_engine.config.image_config, VideoProcessingParams(**SMALL))
-    expected = preprocess_video(torch.from_numpy(frames[indices]), plan, llm.llm_engine.config.image_config)
+    # resized on the engine's device: CUDA resizes in float32 where the CPU resizes uint8, as transformers does
+    device = llm.llm_engine.device
+    expected = preprocess_video(torch.from_numpy(frames[indices]).to(device), plan, llm.llm_engine.config.image_config)
     for request in requests:
         (feature,) = request.mm_features
         assert feature.modality == "video" and feature.grid_thw == plan.grid_thw

@@ -1,6 +1,7 @@
 """Video content parts of OpenAI-style chat messages: {"type": "video_url", "video_url": {"url": ...}} and
 {"type": "video", "video": <path, bytes or frames>}. Parsing is separate from fetching so the server can apply its
-own media policy to the same references; `load_offline_video` is LLM.chat's (the caller owns the machine)."""
+own media policy to the same references: `load_offline_video` is LLM.chat's (the caller owns the machine),
+`fetch_video_urls` the server's."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ def load_offline_video(source: Any) -> Any:
     if parsed.scheme in ("http", "https"):
         raise InvalidInputError("http(s) video URLs are not fetched offline; pass bytes, a path or a data URL")
     raise InvalidInputError(f"unsupported video URL scheme {parsed.scheme!r}; use data:, file:// or a path")
+
+
+def fetch_video_urls(sources: list[Any], media: Any) -> list[bytes]:
+    """The server's side: every video reference must be a URL (data:, file://, http(s)://), fetched under `media`
+    (a MediaConnector with kind="video"); the error names the video by its position in the prompt."""
+    videos = []
+    for number, source in enumerate(sources):
+        if not isinstance(source, str):
+            raise InvalidInputError(
+                f"video {number}: send a video as a URL string (video_url with a data:, file:// or http(s):// URL), "
+                f"got {type(source).__name__}"
+            )
+        try:
+            data = media.fetch(source)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"video {number}: {exc}") from None
+        if not data:
+            raise InvalidInputError(f"video {number}: the video is empty")
+        videos.append(data)
+    return videos

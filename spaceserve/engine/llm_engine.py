@@ -33,6 +33,9 @@ from spaceserve.sched.scheduler import Scheduler
 from spaceserve.tokenizer import load_tokenizer
 
 _IDLE_DECODE_WAIT_S = 0.01
+DECODE_FAILURE_PREFIX = "video decoding failed: "
+"""Starts the error of a request whose video failed to decode for a reason other than its input (a decoder or device
+fault); a failure caused by the input (InvalidInputError) carries that error's own message."""
 
 
 @dataclass
@@ -190,7 +193,7 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001 - any decode failure ends this request only
                 request.status = RequestStatus.FINISHED_ERROR
                 request.finished_time = time.monotonic()
-                message = str(exc) if isinstance(exc, InvalidInputError) else f"video decoding failed: {exc!r}"
+                message = str(exc) if isinstance(exc, InvalidInputError) else f"{DECODE_FAILURE_PREFIX}{exc!r}"
                 failed.append(self.output_processor.make_output(request, error=message))
                 continue
             for index, video in decoded:

@@ -38,7 +38,7 @@ def make_metrics(engine: AsyncLLM, served_model_name: str) -> ServerMetrics:
 def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
     served_model_name = args.served_model_name or engine.config.model
     metrics = make_metrics(engine, served_model_name)
-    chat = OpenAIServingChat(engine, served_model_name, args.media_connector())
+    chat = OpenAIServingChat(engine, served_model_name, args.media_connector(), args.video_connector())
     completion = OpenAIServingCompletion(engine, served_model_name)
     app = FastAPI(title="spaceserve", description="OpenAI-compatible server for multimodal LLMs")
 

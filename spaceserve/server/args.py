@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from spaceserve.engine.chat import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MEDIA_TIMEOUT_S, MediaConnector
+from spaceserve.engine.chat import (
+    DEFAULT_MAX_MEDIA_BYTES,
+    DEFAULT_MAX_VIDEO_BYTES,
+    DEFAULT_MEDIA_TIMEOUT_S,
+    MediaConnector,
+)
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class ServerArgs:
     allow_http_media: bool = False
     media_max_bytes: int = DEFAULT_MAX_MEDIA_BYTES
     media_timeout_s: float = DEFAULT_MEDIA_TIMEOUT_S
+    media_max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    """Videos' own byte cap (every other rule of the media policy is shared with images)."""
     uvicorn_log_level: str = "info"
 
     def media_connector(self) -> MediaConnector:
@@ -26,3 +33,6 @@ class ServerArgs:
             max_bytes=self.media_max_bytes,
             timeout_s=self.media_timeout_s,
         )
+
+    def video_connector(self) -> MediaConnector:
+        return replace(self.media_connector(), max_bytes=self.media_max_video_bytes, kind="video")

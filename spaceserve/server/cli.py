@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.chat import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MEDIA_TIMEOUT_S
+from spaceserve.engine.chat import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MEDIA_TIMEOUT_S
 from spaceserve.server.args import ServerArgs
 
 
@@ -19,10 +19,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--allowed-local-media-path",
         default=None,
-        help="serve file:// images under this directory (default: local files refused)",
+        help="serve file:// images and videos under this directory (default: local files refused)",
     )
-    server.add_argument("--allow-http-media", action="store_true", help="fetch http(s) image URLs (default: refused)")
-    server.add_argument("--media-max-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES)
+    server.add_argument(
+        "--allow-http-media", action="store_true", help="fetch http(s) image and video URLs (default: refused)"
+    )
+    server.add_argument("--media-max-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES, help="per image")
+    server.add_argument("--media-max-video-bytes", type=int, default=DEFAULT_MAX_VIDEO_BYTES, help="per video")
     server.add_argument("--media-timeout-s", type=float, default=DEFAULT_MEDIA_TIMEOUT_S)
     server.add_argument("--uvicorn-log-level", default="info")
 

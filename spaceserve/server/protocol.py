@@ -145,6 +145,8 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tool_choice: Literal["none"] | None = None
     response_format: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    """vLLM's extension: this request's video sampling/processing settings (fps, num_frames, max_frames, ...)."""
 
     def check_supported(self) -> None:
         super().check_supported()

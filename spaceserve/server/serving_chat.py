@@ -1,4 +1,7 @@
-"""/v1/chat/completions: messages (text and image_url parts) through the model's chat template, plain or streamed."""
+"""/v1/chat/completions: messages (text, image_url and video_url parts) through the model's chat template, plain or
+streamed. Media references are counted against --limit-mm-per-prompt before any is fetched; a video is only probed
+before the request is queued (a bad one is a 400), and a decode that fails later ends the request with an error
+(a 400/500 body, or an error event in a stream)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from typing import Any
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from spaceserve.engine.chat import MediaConnector, parse_chat_messages
+from spaceserve.engine.chat_video import fetch_video_urls
+from spaceserve.engine.input_processor import DEFAULT_LIMIT_PER_PROMPT
 from spaceserve.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -28,15 +33,20 @@ from spaceserve.server.serving_engine import (
     iterate,
     sse,
     sse_error,
+    sse_request_failed,
     usage_of,
 )
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLM, served_model_name: str, media: MediaConnector) -> None:
+    def __init__(
+        self, engine: AsyncLLM, served_model_name: str, media: MediaConnector, video_media: MediaConnector
+    ) -> None:
         super().__init__(engine, served_model_name)
         self.media = media
-        self.max_images = engine.config.limit_mm_per_prompt.get("image", 0)
+        self.video_media = video_media
+        limits = {**DEFAULT_LIMIT_PER_PROMPT, **engine.config.limit_mm_per_prompt}
+        self.max_images, self.max_videos = limits["image"], limits["video"]
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest
@@ -71,16 +81,23 @@ class OpenAIServingChat(OpenAIServing):
         )
 
     def _build_prompt(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        video_sources: list[Any] = []
         try:
-            messages, images = parse_chat_messages(request.messages, self.media, self.max_images)
+            messages, images = parse_chat_messages(
+                request.messages, self.media, self.max_images, videos=video_sources, max_videos=self.max_videos
+            )
+            videos = fetch_video_urls(video_sources, self.video_media)
             text = self.engine.tokenizer.apply_chat_template(
                 messages, request.add_generation_prompt, **(request.chat_template_kwargs or {})
             )
         except InvalidInputError as exc:
             raise OpenAIServingError(str(exc), param="messages") from None
         prompt: dict[str, Any] = {"prompt": text}
-        if images:
-            prompt["multi_modal_data"] = {"image": images}
+        mm_data = {name: items for name, items in (("image", images), ("video", videos)) if items}
+        if mm_data:
+            prompt["multi_modal_data"] = mm_data
+        if request.mm_processor_kwargs:
+            prompt["mm_processor_kwargs"] = request.mm_processor_kwargs
         return prompt
 
     async def _stream(
@@ -97,6 +114,9 @@ class OpenAIServingChat(OpenAIServing):
         yield chunk(DeltaMessage(role="assistant", content=""))
         try:
             async for output in iterate(stream):
+                if output.error is not None:
+                    yield sse_request_failed(output)
+                    break
                 text = deltas.delta(output)
                 if text:
                     yield chunk(DeltaMessage(content=text))

@@ -21,6 +21,7 @@ from spaceserve.server.serving_engine import (
     iterate,
     sse,
     sse_error,
+    sse_request_failed,
     usage_of,
 )
 
@@ -61,6 +62,9 @@ class OpenAIServingCompletion(OpenAIServing):
 
         try:
             async for output in iterate(stream):
+                if output.error is not None:
+                    yield sse_request_failed(output)
+                    break
                 text = deltas.delta(output)
                 if output.finished:
                     completion = output.outputs[0]

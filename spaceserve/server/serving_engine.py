@@ -13,6 +13,7 @@ from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from spaceserve.engine.input_processor import PromptType
+from spaceserve.engine.llm_engine import DECODE_FAILURE_PREFIX
 from spaceserve.server.protocol import ErrorInfo, ErrorResponse, OpenAIServingError, UsageInfo
 
 
@@ -51,9 +52,23 @@ def sse(payload: BaseModel) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_error(message: str, error_type: str = "InternalServerError") -> str:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type))
+def sse_error(message: str, error_type: str = "InternalServerError", code: int | None = None) -> str:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, code=code))
     return f"data: {json.dumps(body.model_dump())}\n\n"
+
+
+def request_failed(output: RequestOutput) -> OpenAIServingError:
+    """The error of a request the engine accepted and then failed (its video could not be decoded): a 400 naming
+    the problem with the input, or a 500 when a decoder or device failed."""
+    message = output.error or "the request failed"
+    if message.startswith(DECODE_FAILURE_PREFIX):
+        return OpenAIServingError(message, status_code=500, type="InternalServerError")
+    return OpenAIServingError(message, param="messages")
+
+
+def sse_request_failed(output: RequestOutput) -> str:
+    error = request_failed(output)
+    return sse_error(error.message, error.type, error.status_code)
 
 
 def usage_of(output: RequestOutput) -> UsageInfo:
@@ -89,6 +104,8 @@ async def final_output(stream: RequestStream) -> RequestOutput:
         stream.close()
     if last is None or not last.finished:
         raise RuntimeError(f"the stream of {stream.request_id} ended without a finished output")
+    if last.error is not None:
+        raise request_failed(last)
     return last
 
 

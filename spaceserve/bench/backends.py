@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Protocol
 
-from spaceserve.bench.metrics import RequestRecord
+from spaceserve.bench.metrics import RequestRecord, ttft_split
 from spaceserve.bench.workloads import RequestSpec
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.tokenizer.base import Tokenizer
@@ -120,6 +120,7 @@ class InProcessBackend:
             expected_output_tokens=spec.output_len,
             prompt_tokens=len(final.prompt_token_ids),
             encoder_queue_delay=_encoder_queue_delay(final.metrics),
+            **ttft_split(final.metrics),
         )
 
     async def engine_counters(self) -> dict[str, int]:

@@ -18,6 +18,13 @@ from spaceserve.bench.metrics import SLO
 from spaceserve.bench.plot import plot_rows
 from spaceserve.bench.report import append_jsonl, device_name, git_state, print_table, spaceserve_version
 from spaceserve.bench.runner import SweepConfig, Target, WorkloadSet, run_sweep
+from spaceserve.bench.video_workload import (
+    VideoWorkloadOptions,
+    default_cache_dir,
+    parse_codecs,
+    parse_durations,
+    parse_resolutions,
+)
 from spaceserve.bench.workloads import (
     IntRange,
     PromptTextMaker,
@@ -57,6 +64,22 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     workload.add_argument("--prompt-len", type=_arg(IntRange.parse), default=WorkloadOptions(0).prompt_len)
     workload.add_argument("--output-len", type=_arg(IntRange.parse), default=WorkloadOptions(0).output_len)
     workload.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg")
+    video_defaults = VideoWorkloadOptions()
+    workload.add_argument(
+        "--video-resolutions",
+        type=_arg(parse_resolutions),
+        default=video_defaults.resolutions,
+        help="video workload: 480p,720p,1080p or WIDTHxHEIGHT buckets",
+    )
+    workload.add_argument(
+        "--video-durations", type=_arg(parse_durations), default=video_defaults.durations_s, help="seconds, e.g. 10,60"
+    )
+    workload.add_argument("--video-codecs", type=_arg(parse_codecs), default=video_defaults.codecs, help="h264,hevc")
+    workload.add_argument("--video-fps", type=int, default=video_defaults.fps)
+    workload.add_argument("--video-gop", type=int, default=video_defaults.gop, help="frames per GOP of the clips")
+    workload.add_argument(
+        "--video-cache-dir", default=default_cache_dir(), help="where encoded clips are kept between runs"
+    )
 
     output = bench.add_argument_group("results")
     output.add_argument("--out", default=None, help="append one JSON object per run to this file")
@@ -123,6 +146,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         prompt_len=args.prompt_len,
         output_len=args.output_len,
         image_format=args.image_format,
+        video=_video_options(args) if args.workload == "video" else None,
     )
     return SweepConfig(
         workload=args.workload,
@@ -133,6 +157,18 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         max_concurrency=args.max_concurrency,
         slo=args.slo,
         show_progress=not args.disable_tqdm,
+    )
+
+
+def _video_options(args: argparse.Namespace) -> VideoWorkloadOptions:
+    return VideoWorkloadOptions(
+        resolutions=args.video_resolutions,
+        durations_s=args.video_durations,
+        codecs=args.video_codecs,
+        fps=args.video_fps,
+        gop=args.video_gop,
+        content_seed=args.seed,
+        cache_dir=args.video_cache_dir,
     )
 
 
@@ -197,6 +233,7 @@ def engine_settings(engine_args: EngineArgs, config: Any, engine: Any) -> dict[s
         "scheduler": asdict(config.scheduler),
         "encoder": asdict(config.encoder),
         "cache": asdict(config.cache),
+        "video": asdict(config.video),
         "num_kv_blocks": engine.stats.num_kv_blocks,
     }
 

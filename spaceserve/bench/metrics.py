@@ -5,6 +5,11 @@ Definitions (every time is client-side, from the request's scheduled arrival):
 - TPOT: (e2e - TTFT) / (output tokens - 1) per request; undefined for one-token outputs, which are left out.
 - ITL: gaps between consecutive token-bearing outputs, over all requests.
 - e2e latency: arrival -> the response is complete.
+- TTFT split (in-process only, from the engine's per-request timestamps; null over HTTP): video decode = the decode
+  stage's start -> end for the request's videos; encode = the request's first encoder enqueue -> the end of the
+  encoder batch holding its last item (queueing + encoding); prefill = that end (or, with nothing to encode, the
+  first scheduling) -> the first token. Text before a video may be prefilled while it is still decoding or encoding,
+  so the parts need not add up to TTFT.
 - Percentiles are over every completed request of the measured run; warm-ups never reach this module; failed
   requests are counted and reported, and contribute no latency.
 """
@@ -18,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "encoder_queue")
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "encoder_queue", "ttft_video_decode", "ttft_encode", "ttft_prefill")
+TTFT_PARTS = ("ttft_video_decode", "ttft_encode", "ttft_prefill")
 STATISTICS = ("mean", "p50", "p90", "p99")
 
 
@@ -35,6 +41,9 @@ class RequestRecord:
     prompt_tokens: int | None = None
     encoder_queue_delay: float | None = None  # seconds an image waited for the encoder; None over HTTP
     error: str | None = None
+    ttft_video_decode: float | None = None  # the TTFT split in seconds (module docstring); None over HTTP
+    ttft_encode: float | None = None
+    ttft_prefill: float | None = None
 
     @property
     def ttft(self) -> float:
@@ -147,9 +156,27 @@ def compute_metrics(records: Sequence[RequestRecord], start_time: float, slo: SL
         "e2el": [r.e2e_latency for r in completed],
         "encoder_queue": [r.encoder_queue_delay for r in completed if r.encoder_queue_delay is not None],
     }
+    for part in TTFT_PARTS:
+        samples[part] = [getattr(r, part) for r in completed if getattr(r, part) is not None]
     for name, values in samples.items():
         metrics.update(_statistics_ms(name, values))
     return metrics
+
+
+def ttft_split(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The TTFT parts (seconds) of one request from its RequestOutput.metrics timestamps (module docstring)."""
+
+    def span(start: str, end: str) -> float | None:
+        if metrics.get(start) is None or metrics.get(end) is None:
+            return None
+        return metrics[end] - metrics[start]
+
+    prefill_from = "encoder_end_time" if metrics.get("encoder_end_time") is not None else "first_scheduled_time"
+    return {
+        "ttft_video_decode": span("video_decode_start_time", "video_decode_end_time"),
+        "ttft_encode": span("encoder_enqueued_time", "encoder_end_time"),
+        "ttft_prefill": span(prefill_from, "first_token_time"),
+    }
 
 
 def _statistics_ms(name: str, seconds: list[float]) -> dict[str, float | None]:

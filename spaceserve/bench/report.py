@@ -171,14 +171,25 @@ _TABLE_COLUMNS = (
 )
 
 
+# shown when a run decoded videos (in-process): TTFT split into video decode, encode and prefill
+_TTFT_SPLIT_COLUMNS = tuple(
+    (f"{label} {stat}", lambda r, key=f"{stat}_ttft_{part}_ms": _fmt(r.get(key), ".1f"))
+    for part, label in (("video_decode", "dec"), ("encode", "enc"), ("prefill", "pre"))
+    for stat in ("p50", "p99")
+)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of the runs (latencies in ms); failed runs show their error below."""
-    header = [name for name, _ in _TABLE_COLUMNS]
-    body = [[cell(row) for _, cell in _TABLE_COLUMNS] for row in rows]
+    columns = _TABLE_COLUMNS
+    if any(row.get("p50_ttft_video_decode_ms") is not None for row in rows):
+        columns += _TTFT_SPLIT_COLUMNS
+    header = [name for name, _ in columns]
+    body = [[cell(row) for _, cell in columns] for row in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     for row, line in zip(rows, body):

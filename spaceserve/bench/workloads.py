@@ -4,9 +4,9 @@ Every random draw comes from a generator seeded by (seed, request index, stream)
 byte-identical requests, and `text-only` gets exactly the prompts and output lengths of `image-mix` without the
 images. Media are encoded once (JPEG or PNG bytes) and reused by every backend and execution mode.
 
-A new workload (e.g. `video`) registers a builder with `@register_workload("name")` and returns RequestSpecs whose
-MediaItems carry its modality; the backends turn any modality into `multi_modal_data[modality]` in-process and a
-`{modality}_url` content part over HTTP.
+A new workload registers a builder with `@register_workload("name")` and returns RequestSpecs whose MediaItems carry
+its modality; the backends turn any modality into `multi_modal_data[modality]` in-process and a `{modality}_url`
+content part over HTTP. The `video` workload lives in video_workload.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from spaceserve.tokenizer.base import Tokenizer
+
+if TYPE_CHECKING:
+    from spaceserve.bench.video_workload import VideoWorkloadOptions
 
 _TEXT_STREAM, _MEDIA_STREAM = 0, 1
 
@@ -87,6 +90,8 @@ class WorkloadOptions:
     prompt_len: IntRange = IntRange(64, 64)
     output_len: IntRange = IntRange(128, 128)
     image_format: str = "jpeg"
+    video: VideoWorkloadOptions | None = None
+    """The video workload's clips (None: its defaults); other workloads ignore it."""
 
     def __post_init__(self) -> None:
         if self.num_requests < 0:
@@ -107,7 +112,7 @@ class WorkloadOptions:
             "prompt_len": str(self.prompt_len),
             "output_len": str(self.output_len),
             "image_format": self.image_format,
-        }
+        } | ({} if self.video is None else {"video": self.video.as_dict()})
 
 
 @dataclass(frozen=True)
@@ -239,3 +244,6 @@ def smooth_noise(width: int, height: int, rng: np.random.Generator) -> np.ndarra
 
 def workload_names() -> Sequence[str]:
     return sorted(WORKLOADS)
+
+
+from spaceserve.bench import video_workload  # noqa: E402,F401 - registers "video" (it builds on this module)

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from spaceserve.bench.metrics import STATISTICS
 from spaceserve.bench.report import read_jsonl, row_fields
 from spaceserve.bench.runner import SweepConfig, WorkloadSet
 from spaceserve.bench.workloads import IntRange, PromptTextMaker, WorkloadOptions
@@ -34,7 +35,8 @@ def test_inprocess_run_writes_every_field(tmp_path):
     assert [row["request_rate"] for row in rows] == [20.0, "inf"]
     for row in rows:
         assert list(row) == row_fields()
-        unset = ("error", "base_url", "max_concurrency")  # null by meaning here: no error, no server, no limit
+        # null by meaning here: no error, no server, no limit, no video to decode
+        unset = ("error", "base_url", "max_concurrency", *(f"{s}_ttft_video_decode_ms" for s in STATISTICS))
         missing = [name for name, value in row.items() if value is None and name not in unset]
         assert not missing, f"fields without a value: {missing}"
         assert row["status"] == "ok" and row["completed"] == 5 and row["failed"] == 0

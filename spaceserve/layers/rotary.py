@@ -4,6 +4,8 @@ sections, each rotated by its own position axis. Text tokens carry the same posi
 import torch
 from torch import nn
 
+from spaceserve.layers.triton_ops import use_fused_ops
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -33,3 +35,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary on q [N, Hq, D] and k [N, Hk, D]; on CUDA one fused launch for both."""
+    if use_fused_ops(q) and q.dtype == k.dtype == cos.dtype == sin.dtype:
+        from spaceserve.layers.triton_ops.rotary import rotary_qk_triton
+
+        return rotary_qk_triton(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spaceserve.layers.activation import SiluAndMul
 from spaceserve.layers.attention import AttentionBackend, AttentionMetadata
 from spaceserve.layers.norm import RMSNorm
-from spaceserve.layers.rotary import MRotaryEmbedding, apply_rotary
+from spaceserve.layers.rotary import MRotaryEmbedding, apply_rotary_qk
 from spaceserve.models.config import TextConfig
 
 
@@ -28,8 +29,9 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, metadata: AttentionMetadata, backend: AttentionBackend):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = apply_rotary_qk(
+            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim), cos, sin
+        )
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -38,13 +40,12 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.act_fn = SiluAndMul()
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -55,9 +56,17 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, metadata, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, metadata, backend):
+        """(sublayer output, residual stream): the residual add of each sublayer happens in the next norm, so
+        the first layer gets residual=None and the caller's final norm adds the last MLP output."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, kv_cache, metadata, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 # checkpoint name -> (our parameter name, shard index) for the projections we fuse
@@ -92,10 +101,13 @@ class Qwen2LanguageModel(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions, inputs_embeds.dtype)
-        x = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, metadata, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, metadata, backend)
+        if residual is None:  # no layers
+            return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

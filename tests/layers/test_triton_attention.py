@@ -18,7 +18,7 @@ from spaceserve.layers.attention import AttentionMetadata, build_attention_metad
 
 triton = pytest.importorskip("triton")
 
-from spaceserve.layers.attention.triton import store_kv, varlen_attention  # noqa: E402
+from spaceserve.layers.attention.triton import AttentionTiling, DecodeConfig, store_kv, varlen_attention  # noqa: E402
 from spaceserve.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from spaceserve.layers.attention.varlen import build_varlen_segments, varlen_attention_reference  # noqa: E402
 
@@ -51,8 +51,11 @@ QWEN2_VL_7B = Shapes(
     torch.bfloat16, 28, 4, 128, 16, 256, (4096, 1024, 77, 2049) * 4,
     ((0, 2048), (1500, 600), (700, 1), (33, 5)), 16, (1024, 1024, 1024, 1024, 5, 64), 1e-2,
 )  # fmt: skip
+# head_dim 24: the decode and prefill kernels' padded, masked head columns
+SMALL_ODD_HEAD_DIM = Shapes(torch.float32, 6, 2, 24, 8, 32, (1, 9, 32, 33, 130, 2000), ((0, 19), (40, 3), (7, 1), (0, 40)), 3, (3, 17, 64), 1e-5)
 SHAPES = [
     pytest.param(SMALL, id="small"),
+    pytest.param(SMALL_ODD_HEAD_DIM, id="small-head-dim-24"),
     pytest.param(QWEN2_VL_2B, id="qwen2-vl-2b", marks=gpu_only),
     pytest.param(QWEN2_VL_7B, id="qwen2-vl-7b", marks=gpu_only),
 ]
@@ -206,7 +209,7 @@ def test_decode_over_paged_kv_with_padded_graph_rows(gen, shapes):
         lengths,
     )
     cache_before = batch.kv_cache.clone()
-    backend = TritonAttentionBackend(decode_split_tokens=shapes.split_tokens)
+    backend = TritonAttentionBackend(DecodeConfig(split_tokens=shapes.split_tokens))
     out = run_triton(backend, padded_batch, scale)
     assert_close(out[:real], expected, shapes.rel_tol)
     assert torch.equal(out[real:], torch.zeros_like(out[real:])), "padded rows must read as zeros"
@@ -220,7 +223,7 @@ def test_decode_over_paged_kv_with_padded_graph_rows(gen, shapes):
 def test_decode_result_does_not_depend_on_the_batch(gen, shapes):
     lengths = [(c - 1, 1) for c in shapes.decode_contexts]
     batch = make_paged_batch(gen, shapes, lengths)
-    backend = TritonAttentionBackend(decode_split_tokens=shapes.split_tokens)
+    backend = TritonAttentionBackend(DecodeConfig(split_tokens=shapes.split_tokens))
     scale = shapes.head_dim**-0.5
     together = run_triton(backend, batch, scale)
     md = batch.metadata
@@ -246,7 +249,7 @@ def test_prefill_chunks_over_cached_prefix_in_a_mixed_batch(gen, shapes):
     random.shuffle(lengths)
     batch = make_paged_batch(gen, shapes, lengths)
     scale = shapes.head_dim**-0.5
-    backend = TritonAttentionBackend(decode_split_tokens=shapes.split_tokens)
+    backend = TritonAttentionBackend(DecodeConfig(split_tokens=shapes.split_tokens))
     out = run_triton(backend, batch, scale)
     assert_close(out, expected_output(batch, scale), shapes.rel_tol)
     # forward() (store + attend) on a fresh copy of the batch gives the same rows
@@ -258,8 +261,100 @@ def test_prefill_only_batch(gen, shapes):
     lengths = [(c, n) for c, n in shapes.prefill if n > 1]
     batch = make_paged_batch(gen, shapes, lengths)
     scale = shapes.head_dim**-0.5
-    out = run_triton(TritonAttentionBackend(decode_split_tokens=shapes.split_tokens), batch, scale)
+    out = run_triton(TritonAttentionBackend(DecodeConfig(split_tokens=shapes.split_tokens)), batch, scale)
     assert_close(out, expected_output(batch, scale), shapes.rel_tol)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DecodeConfig(split_tokens=16, block_n=16, max_splits=4, programs_per_sm=1),  # long splits past 64 tokens
+        DecodeConfig(split_tokens=32, block_n=16, max_splits=3, programs_per_sm=2),  # max_splits not a power of 2
+        DecodeConfig(split_tokens=4096, block_n=32),  # one split per row: the merge kernel is never launched
+    ],
+    ids=lambda c: f"split{c.split_tokens}-n{c.block_n}-max{c.max_splits}",
+)
+def test_decode_configs_agree_with_the_reference(gen, config):
+    """Every tunable decode setting computes the same function; rows of one split are finished by the split
+    kernel (with and without a merge launch) and padded rows still read as zeros."""
+    shapes = SMALL
+    lengths = [(c - 1, 1) for c in (1, 3, 16, 17, 64, 65, 200)]
+    random.shuffle(lengths)
+    batch = make_paged_batch(gen, shapes, lengths)
+    scale = shapes.head_dim**-0.5
+    md = batch.metadata
+    padded = AttentionMetadata(
+        query_start_loc=torch.arange(len(lengths) + 2, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.cat([md.seq_lens, torch.zeros(1, dtype=torch.int32, device=DEVICE)]),
+        block_tables=torch.cat([md.block_tables, torch.zeros_like(md.block_tables[:1])]),
+        slot_mapping=torch.cat([md.slot_mapping, torch.full((1,), -1, dtype=torch.int64, device=DEVICE)]),
+        query_lens_cpu=(1,) * (len(lengths) + 1),
+        seq_lens_cpu=(7,) * (len(lengths) + 1),
+    )
+    pad_kv = randn(gen, 1, shapes.kv_heads, shapes.head_dim)
+    padded_batch = PagedBatch(
+        batch.kv_cache, padded, torch.cat([batch.query, randn(gen, 1, shapes.heads, shapes.head_dim)]),
+        torch.cat([batch.new_key, pad_kv]), torch.cat([batch.new_value, pad_kv]),
+        batch.full_keys, batch.full_values, lengths,
+    )  # fmt: skip
+    out = run_triton(TritonAttentionBackend(config), padded_batch, scale)
+    assert_close(out[:-1], expected_output(batch, scale), shapes.rel_tol)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+@pytest.mark.parametrize(
+    "tiling", [AttentionTiling(32, 16, 1, 1), AttentionTiling(16, 32, 2, 2)], ids=lambda t: f"m{t.block_m}-n{t.block_n}"
+)
+def test_prefill_tilings_agree_with_the_reference(gen, tiling):
+    shapes = SMALL
+    lengths = [(0, 45), (21, 33), (3, 1), (50, 7), (0, 2)]
+    batch = make_paged_batch(gen, shapes, lengths)
+    scale = shapes.head_dim**-0.5
+    out = run_triton(TritonAttentionBackend(DecodeConfig(split_tokens=16), prefill_tiling=tiling), batch, scale)
+    assert_close(out, expected_output(batch, scale), shapes.rel_tol)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "parts"), [(80, (64, 16)), (72, (64, 16)), (96, (64, 32)), (64, (64, 0)), (40, (32, 16)), (16, (16, 0))]
+)
+def test_split_head_dim_covers_the_head_with_dot_sized_parts(head_dim, parts):
+    from spaceserve.layers.attention.triton import split_head_dim
+
+    assert split_head_dim(head_dim) == parts
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "tiling"),
+    [
+        (72, AttentionTiling(16, 16, 1, 1)),  # remainder part masked (64 + 8 of 16)
+        (64, AttentionTiling(32, 16, 1, 1)),  # a power of two: no remainder part
+        (96, AttentionTiling(16, 32, 1, 1)),  # 64 + 32
+        (80, AttentionTiling(64, 64, 1, 1)),  # the short-window tiles: whole windows of 64 per program
+    ],
+    ids=lambda x: str(x) if isinstance(x, int) else f"m{x.block_m}-n{x.block_n}",
+)
+def test_vision_varlen_head_dims_and_tilings(gen, head_dim, tiling):
+    lengths = [64, 64, 17, 1, 64, 40, 64, 100]
+    random.shuffle(lengths)
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    qkv = randn(gen, bounds[-1], 3, 2, head_dim)
+    q, k, v = qkv.unbind(1)
+    segments = build_varlen_segments(bounds, head_dim, DEVICE, use_triton=True, tiling=tiling)
+    out = torch.full_like(q, float("nan"))
+    varlen_attention(q, k, v, segments.cu_seqlens_device, segments.triton_work, head_dim**-0.5, tiling, out=out)
+    expected = varlen_attention_reference(*(x.to(reference_dtype()) for x in (q, k, v)), segments)
+    assert_close(out, expected, 1e-5)
+
+
+def test_short_windows_get_their_own_tiles():
+    from spaceserve.layers.attention.triton import common
+
+    if common.interpreting():
+        pytest.skip("the interpreter always uses its small tiles")
+    assert common.varlen_tiling(64) == common.VARLEN_SHORT_TILING
+    assert common.varlen_tiling(9216) == common.VARLEN_TILING
 
 
 @pytest.mark.parametrize("shapes", SHAPES)

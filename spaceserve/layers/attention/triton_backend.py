@@ -13,29 +13,27 @@ import torch
 
 from spaceserve.layers.attention.backend import AttentionBackend, AttentionMetadata
 from spaceserve.layers.attention.triton import (
+    DECODE_CONFIG,
+    AttentionTiling,
+    DecodeConfig,
     attention_tiling,
     build_work_list,
-    interpreting,
     paged_decode,
     paged_prefill,
     store_kv,
 )
-
-DEFAULT_DECODE_SPLIT_TOKENS = 256
 
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True  # the decode path reads only device tensors and launches a shape-fixed grid
 
-    def __init__(self, decode_split_tokens: int = DEFAULT_DECODE_SPLIT_TOKENS, decode_block_n: int = 64) -> None:
-        """decode_split_tokens: context tokens per decode program (a power of two); fixed, so results do not depend
-        on the batch. decode_block_n: keys per inner step of the decode kernel."""
-        for label, value in (("decode_split_tokens", decode_split_tokens), ("decode_block_n", decode_block_n)):
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{label} must be a power of two >= 16, got {value}")
-        self.decode_split_tokens = decode_split_tokens
-        self.decode_block_n = min(decode_block_n, decode_split_tokens)
+    def __init__(self, decode_config: DecodeConfig | None = None, prefill_tiling: AttentionTiling | None = None) -> None:
+        """decode_config: split size and launch settings of the decode kernels (the split size is fixed, so results
+        do not depend on the batch); prefill_tiling: tiles of the prefill kernel. None: the tuned defaults in
+        spaceserve.layers.attention.triton.common."""
+        self.decode_config = decode_config or DECODE_CONFIG
+        self.prefill_tiling = prefill_tiling
         self._prefill_work: tuple[AttentionMetadata, int, torch.Tensor] | None = None
 
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -51,7 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
         """Fill out [N, H, D] from the cache, which already holds this step's K/V."""
         has_prefill = metadata.max_query_len > 1
         if has_prefill:
-            tiling = attention_tiling(query.shape[2])
+            tiling = self.prefill_tiling or attention_tiling(query.shape[2])
             paged_prefill(
                 out,
                 query,
@@ -72,9 +70,7 @@ class TritonAttentionBackend(AttentionBackend):
                 metadata.seq_lens,
                 metadata.query_start_loc,
                 scale,
-                split_tokens=self.decode_split_tokens,
-                block_n=self.decode_block_n,
-                num_warps=1 if interpreting() else 4,
+                self.decode_config,
             )
 
     def _prefill_work_list(self, metadata: AttentionMetadata, block_m: int, device: torch.device) -> torch.Tensor:

@@ -38,9 +38,14 @@ class VarlenSegments:
 
 
 def build_varlen_segments(
-    cu_seqlens: Sequence[int], head_dim: int, device: torch.device, use_triton: bool | None = None
+    cu_seqlens: Sequence[int],
+    head_dim: int,
+    device: torch.device,
+    use_triton: bool | None = None,
+    tiling: AttentionTiling | None = None,
 ) -> VarlenSegments:
-    """use_triton None: the Triton kernel on CUDA when triton is installed, else the torch reference."""
+    """use_triton None: the Triton kernel on CUDA when triton is installed, else the torch reference. tiling None:
+    the kernel's default tiles for the longest segment (short windows get smaller ones)."""
     bounds = tuple(int(b) for b in cu_seqlens)
     if not bounds or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {list(bounds)[:8]}...")
@@ -52,9 +57,9 @@ def build_varlen_segments(
         use_triton = device.type == "cuda" and triton_available()
     work, tiling, groups = None, None, ()
     if use_triton:
-        from spaceserve.layers.attention.triton import attention_tiling, build_work_list
+        from spaceserve.layers.attention.triton import build_work_list, varlen_tiling
 
-        tiling = attention_tiling(head_dim)
+        tiling = tiling or varlen_tiling(max(lengths, default=0))
         work = build_work_list(lengths, tiling.block_m, min_length=1, device=device)
     else:
         starts = torch.tensor(bounds[:-1], dtype=torch.int64)

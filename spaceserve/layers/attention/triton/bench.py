@@ -14,8 +14,15 @@ import torch
 import triton.testing
 
 from spaceserve.layers.attention import build_attention_metadata
-from spaceserve.layers.attention.triton import attention_tiling, build_work_list, paged_decode, paged_prefill, varlen_attention
-from spaceserve.layers.attention.triton_backend import DEFAULT_DECODE_SPLIT_TOKENS
+from spaceserve.layers.attention.triton import (
+    DECODE_CONFIG,
+    attention_tiling,
+    build_work_list,
+    paged_decode,
+    paged_prefill,
+    varlen_attention,
+    varlen_tiling,
+)
 
 DEVICE = torch.device("cuda")
 BLOCK = 16
@@ -67,8 +74,7 @@ def bench_decode(bandwidth: float) -> None:
                 out = torch.empty_like(query)
 
                 def run():
-                    paged_decode(out, query, cache, tables, md.seq_lens, md.query_start_loc, 128**-0.5,
-                                 DEFAULT_DECODE_SPLIT_TOKENS, 64)
+                    paged_decode(out, query, cache, tables, md.seq_lens, md.query_start_loc, 128**-0.5, DECODE_CONFIG)
 
                 compile_s = first_call_s(run)
                 ms = median_ms(run)
@@ -101,7 +107,7 @@ def bench_vision(rate: float) -> None:
             bounds.append(bounds[-1] + length)
         qkv = torch.randn(bounds[-1], 3, 16, 80, device=DEVICE, dtype=torch.bfloat16)
         q, k, v = qkv.unbind(1)
-        tiling = attention_tiling(80)
+        tiling = varlen_tiling(max(lengths))
         work = build_work_list(lengths, tiling.block_m, 1, DEVICE)
         cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
 

@@ -53,10 +53,13 @@ def _paged_prefill_kernel(
     offs_m = block_start + tl.arange(0, BLOCK_M)
     row_mask = offs_m < query_len
     dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
+    if BLOCK_D == HEAD_DIM:  # no column mask, so K/V loads stay 16 bytes wide
+        q_mask = row_mask[:, None]
+    else:
+        q_mask = row_mask[:, None] & (dims < HEAD_DIM)[None, :]
     q = tl.load(
         query_ptr + (query_row + offs_m).to(tl.int64)[:, None] * query_token_stride + head * query_head_stride + dims[None, :],
-        mask=row_mask[:, None] & dim_mask[None, :],
+        mask=q_mask,
         other=0.0,
     )
     positions = context_len + offs_m
@@ -65,20 +68,26 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     head_offset = kv_head * HEAD_DIM
-    # keys below every row's position need no mask
+    # keys below every row's position need no mask: only the tiles on the causal diagonal take the second loop
     unmasked_end = ((context_len + block_start + 1) // BLOCK_N) * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         pages = tl.load(table + tokens // PAGE).to(tl.int64)
         rows = (pages * PAGE + tokens % PAGE) * (NUM_KV_HEADS * HEAD_DIM) + head_offset
-        k = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m, tl.max(scores, 1))
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(cache_ptr + rows[:, None] + dims[None, :])
+        else:
+            k = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=(dims < HEAD_DIM)[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m, tl.max(scores, 1) * qk_scale)
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(cache_ptr + cache_kv_stride + rows[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if BLOCK_D == HEAD_DIM:
+            v = tl.load(cache_ptr + cache_kv_stride + rows[:, None] + dims[None, :])
+        else:
+            v = tl.load(cache_ptr + cache_kv_stride + rows[:, None] + dims[None, :], mask=(dims < HEAD_DIM)[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
     keys_end = context_len + tl.minimum(block_start + BLOCK_M, query_len)
     for start in range(unmasked_end, keys_end, BLOCK_N):
@@ -86,22 +95,25 @@ def _paged_prefill_kernel(
         token_mask = tokens < keys_end
         pages = tl.load(table + tokens // PAGE, mask=token_mask, other=0).to(tl.int64)
         rows = (pages * PAGE + tokens % PAGE) * (NUM_KV_HEADS * HEAD_DIM) + head_offset
-        kv_mask = token_mask[:, None] & dim_mask[None, :]
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = token_mask[:, None]
+        else:
+            kv_mask = token_mask[:, None] & (dims < HEAD_DIM)[None, :]
         k = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         visible = (tokens[None, :] <= positions[:, None]) & token_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_new = tl.maximum(m, tl.max(scores, 1) * qk_scale)
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(cache_ptr + cache_kv_stride + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
     tl.store(
         out_ptr + (query_row + offs_m).to(tl.int64)[:, None] * out_token_stride + head * out_head_stride + dims[None, :],
         (acc / l[:, None]).to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & dim_mask[None, :],
+        mask=q_mask,
     )
 
 

@@ -78,7 +78,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     workload.add_argument("--video-fps", type=int, default=video_defaults.fps)
     workload.add_argument("--video-gop", type=int, default=video_defaults.gop, help="frames per GOP of the clips")
     workload.add_argument(
-        "--video-cache-dir", default=default_cache_dir(), help="where encoded clips are kept between runs"
+        "--video-clip-cache-dir", default=default_cache_dir(), help="where encoded clips are kept between runs"
     )
 
     output = bench.add_argument_group("results")
@@ -168,7 +168,7 @@ def _video_options(args: argparse.Namespace) -> VideoWorkloadOptions:
         fps=args.video_fps,
         gop=args.video_gop,
         content_seed=args.seed,
-        cache_dir=args.video_cache_dir,
+        cache_dir=args.video_clip_cache_dir,
     )
 
 

@@ -129,7 +129,7 @@ def test_tiny_video_run_reports_the_ttft_split_in_process_and_null_over_http(tmp
     seed = str(random.randrange(1 << 20))
     workload = [
         "tiny-qwen2-vl", "--workload", "video", "--video-resolutions", "64x48", "--video-durations", "2",
-        "--video-codecs", "h264", "--video-cache-dir", str(tmp_path / "clips"), "--prompt-len", "8",
+        "--video-codecs", "h264", "--video-clip-cache-dir", str(tmp_path / "clips"), "--prompt-len", "8",
         "--output-len", "3", "--num-prompts", "2", "--num-warmups", "0", "--request-rate", "inf", "--seed", seed,
         "--disable-tqdm",
     ]

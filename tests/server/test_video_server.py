@@ -135,13 +135,14 @@ def test_images_and_a_video_in_one_prompt(video_server):
 def test_media_policy_applies_to_videos(video_server):
     outside = video_server.outside_dir / "clip.mp4"
     outside.write_bytes(clip_bytes())
-    _expect_400(video_server, messages_with(video_part(outside.as_uri())), "video 0: video file .* is outside the allowed")
-    _expect_400(video_server, messages_with(video_part("http://127.0.0.1:9/clip.mp4")), "http\\(s\\) video URLs are not")
+    def expect(part: dict, pattern: str) -> None:
+        _expect_400(video_server, messages_with(part), pattern)
+
+    expect(video_part(outside.as_uri()), "video 0: video file .* is outside the allowed")
+    expect(video_part("http://127.0.0.1:9/clip.mp4"), "http\\(s\\) video URLs are not")
     too_big = np.random.default_rng(0).bytes(MAX_VIDEO_BYTES + 1000)
-    _expect_400(video_server, messages_with(video_part(video_url(too_big))), f"limit of {MAX_VIDEO_BYTES} bytes")
-    _expect_400(
-        video_server, messages_with({"type": "video", "video": [1, 2, 3]}), "send a video as a URL string"
-    )
+    expect(video_part(video_url(too_big)), f"video data URL holds more than the limit of {MAX_VIDEO_BYTES} bytes")
+    expect({"type": "video", "video": [1, 2, 3]}, "send a video as a URL string")
     video_server.assert_idle_and_clean()
 
 

@@ -389,33 +389,32 @@ def main() -> None:
         plan.append(("varlen-short", lambda: varlen_shapes(bandwidth, rate, short=True), _default_first(VARLEN_SHORT_TILING, short_grid)))
     total_share = sum(shares[name] for name, _, _ in plan)
     budget_left = args.budget_s - (time.monotonic() - started)
-    report_sections = []
-    for name, make_shapes, configs in plan:
-        shapes, configs = make_shapes(), configs[:limit]
-        budget = budget_left * shares[name] / total_share
-        section_start = time.monotonic()
-        info = sweep(shapes, configs, budget, args.rep_ms)
-        report_sections.append(summarize(name, shapes, info) | {"all_results": {s.label: s.results for s in shapes}})
-        print(f"{name}: {info['tried']} configs in {time.monotonic() - section_start:.0f}s, {info['skipped_for_budget']} skipped", flush=True)
-        del shapes
-        torch.cuda.empty_cache()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
     report = {
         "device": device_name(),
         "commit": commit or "unknown",
         "copy_bandwidth_tb_s": bandwidth / 1e12,
         "matmul_tflop_s": rate / 1e12,
-        "sections": report_sections,
+        "sections": [],
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tune_attention.json").write_text(json.dumps(report, indent=1, default=str))
-    table = markdown(report)
-    (out_dir / "tune_attention.md").write_text(table)
-    print(table)
+    for name, make_shapes, configs in plan:
+        shapes, configs = make_shapes(), configs[:limit]
+        budget = budget_left * shares[name] / total_share
+        section_start = time.monotonic()
+        info = sweep(shapes, configs, budget, args.rep_ms)
+        report["sections"].append(summarize(name, shapes, info) | {"all_results": {s.label: s.results for s in shapes}})
+        print(f"{name}: {info['tried']} configs in {time.monotonic() - section_start:.0f}s, {info['skipped_for_budget']} skipped", flush=True)
+        # written after every section, so a run cut short still leaves what it measured
+        (out_dir / "tune_attention.json").write_text(json.dumps(report, indent=1, default=str))
+        (out_dir / "tune_attention.md").write_text(markdown(report))
+        del shapes
+        torch.cuda.empty_cache()
+    print(markdown(report))
     print(f"total {time.monotonic() - started:.0f}s; wrote {out_dir}/tune_attention.json and .md")
 
 

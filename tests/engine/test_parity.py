@@ -12,6 +12,9 @@ from tests.engine.parity import MAX_NEW_TOKENS, random_image, random_prompt, ref
 from tests.tiny_checkpoints import load_reference_model, make_tiny_checkpoint
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
+# transformers' reference runs on the CPU in float32; our engine runs there too so greedy tokens compare exactly
+# (GPU parity of the engine is checked against its torch path in tests/layers and tests/runtime)
+ENGINE_DEVICE = "cpu"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
 IMAGE_SIZES = {"text only": [], "one image": [(70, 95)], "three odd images": [(37, 130), (90, 61), (151, 47)]}
 
@@ -42,19 +45,19 @@ def _tokens(outputs):
 @pytest.mark.parametrize("index", range(len(IMAGE_SIZES)), ids=list(IMAGE_SIZES))
 def test_single_prompt_matches_transformers(case, index):
     path, prompts, expected = case
-    llm = make_llm(str(path))
+    llm = make_llm(str(path), device=ENGINE_DEVICE)
     assert _tokens(llm.generate(prompts[index], GREEDY)) == [expected[index]]
 
 
 def test_mixed_batch_matches_transformers(case):
     path, prompts, expected = case
-    llm = make_llm(str(path))
+    llm = make_llm(str(path), device=ENGINE_DEVICE)
     assert _tokens(llm.generate(prompts[::-1] + prompts, GREEDY)) == expected[::-1] + expected
 
 
 def test_preemption_keeps_tokens_identical(case):
     path, prompts, expected = case
-    llm = make_llm(str(path), num_gpu_blocks_override=14, block_size=8)
+    llm = make_llm(str(path), device=ENGINE_DEVICE, num_gpu_blocks_override=14, block_size=8)
     outputs = llm.generate(prompts * 3, GREEDY)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert _tokens(outputs) == expected * 3
@@ -63,13 +66,13 @@ def test_preemption_keeps_tokens_identical(case):
 
 def test_chunked_prefill_through_an_image_span_keeps_tokens_identical(case):
     path, prompts, expected = case
-    llm = make_llm(str(path), max_num_batched_tokens=7, encoder_cache_tokens=256)
+    llm = make_llm(str(path), device=ENGINE_DEVICE, max_num_batched_tokens=7, encoder_cache_tokens=256)
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
 
 
 def test_prefix_cache_hits_keep_tokens_identical(case):
     path, prompts, expected = case
-    llm = make_llm(str(path), block_size=4)
+    llm = make_llm(str(path), device=ENGINE_DEVICE, block_size=4)
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
     stats = llm.llm_engine.kv_manager.prefix_cache_stats
     hits_before = stats.hits
@@ -84,7 +87,7 @@ def test_sharded_checkpoint_with_nested_text_config_loads_identically(case, tmp_
     sharded = make_tiny_checkpoint(tmp_path / "sharded", architecture, seed=11, sharded=True, nested_text_config=True)
     write_tiny_tokenizer(sharded)
     assert (sharded / "model.safetensors.index.json").is_file()
-    assert _tokens(make_llm(str(sharded)).generate(prompts, GREEDY)) == expected
+    assert _tokens(make_llm(str(sharded), device=ENGINE_DEVICE).generate(prompts, GREEDY)) == expected
 
 
 def test_text_prompt_goes_through_the_checkpoint_tokenizer(case):
@@ -93,7 +96,7 @@ def test_text_prompt_goes_through_the_checkpoint_tokenizer(case):
     path, prompts, _ = case
     text = "Describe <|vision_start|><|image_pad|><|vision_end|> en détail, s'il vous plaît."
     reference_ids = AutoTokenizer.from_pretrained(path).encode(text)
-    llm = make_llm(str(path))
+    llm = make_llm(str(path), device=ENGINE_DEVICE)
     assert llm.get_tokenizer().encode(text) == reference_ids
     images = prompts[1]["multi_modal_data"]["image"]
     expected = reference_generate(load_reference_model(path), reference_processor(), reference_ids, images)

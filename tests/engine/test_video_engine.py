@@ -60,9 +60,12 @@ def _run(engine, limit_steps: int = 10_000):
     raise AssertionError("engine did not finish")
 
 
-def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(llm, clip, tmp_path):
+def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(clip, tmp_path):
     path = tmp_path / "clip.mp4"
     path.write_bytes(clip)
+    # The given frames come from PyAV; the file and the bytes must be decoded by PyAV too for the pixels to be
+    # the same (on a GPU the default backend is NVDEC, whose RGB conversion differs from swscale's by design).
+    llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, max_video_duration_s=30.0, video_decode_backend="pyav")
     engine = llm.llm_engine
     frames = _all_frames(clip)
     indices = sample_frame_indices(len(frames), CLIP_FPS, VideoSamplingParams())
@@ -89,6 +92,7 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(llm, clip
     assert metrics["arrival_time"] <= metrics["video_decode_start_time"] <= metrics["video_decode_end_time"]
     assert metrics["video_decode_end_time"] <= metrics["first_scheduled_time"] <= metrics["first_token_time"]
     engine.check_idle_integrity()
+    engine.shutdown()
 
 
 def test_same_video_hits_the_processed_video_cache_and_settings_change_the_key(llm, clip):

@@ -26,6 +26,9 @@ from tests.llm_factory import make_llm
 from tests.tiny_checkpoints import load_reference_model, make_tiny_checkpoint
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
+# transformers' reference runs on the CPU in float32 (and its video rows are the CPU's uint8 resize); our engine
+# runs there too so rows and greedy tokens compare exactly (a CUDA engine resizes in float32, as torchvision does)
+ENGINE_DEVICE = "cpu"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
 # the tiny image limits, so a request's min/max_pixels leave its images as the reference processes them
 PIXELS = {"min_pixels": 3136, "max_pixels": 200704}
@@ -85,7 +88,7 @@ def _tokens(outputs):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=list(CASES))
 def test_video_prompt_matches_transformers(case, index):
     path, prompts, expected, video_rows = case
-    llm = make_llm(str(path))
+    llm = make_llm(str(path), device=ENGINE_DEVICE)
     engine = llm.llm_engine
     request = engine.add_request(prompts[index], GREEDY, request_id="video")
     outputs = []
@@ -101,7 +104,7 @@ def test_video_prompt_matches_transformers(case, index):
 
 def test_batch_of_video_prompts_with_small_chunks_matches_transformers(case):
     path, prompts, expected, _ = case
-    llm = make_llm(str(path), max_num_batched_tokens=16, block_size=4)
+    llm = make_llm(str(path), device=ENGINE_DEVICE, max_num_batched_tokens=16, block_size=4)
     assert _tokens(llm.generate(prompts[::-1] + prompts, GREEDY)) == expected[::-1] + expected
     llm.llm_engine.check_idle_integrity()
 

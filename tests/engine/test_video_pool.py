@@ -15,7 +15,9 @@ from spaceserve.core.errors import ConfigError
 from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.async_llm import AsyncLLM
 from spaceserve.multimodal.video import flashcodec
+from spaceserve.multimodal.video import decode as decode_module
 from spaceserve.multimodal.video.decode import decode_frames, probe_video
+from spaceserve.multimodal.video.nvdec_backend import _import_torchcodec
 from spaceserve.multimodal.video.processor import VideoProcessingParams, plan_video, preprocess_video
 from spaceserve.multimodal.video.sampling import VideoSamplingParams, sample_frame_indices
 from spaceserve.multimodal.video.stage import build_decoder_pool
@@ -42,13 +44,21 @@ def _parse(*flags: str) -> EngineArgs:
     return EngineArgs.from_cli_args(parser.parse_args(["tiny-qwen2-vl", *flags]))
 
 
-def test_cli_flags_reach_the_video_config():
+@pytest.fixture
+def two_visible_gpus(monkeypatch):
+    """GPU indices are checked against the visible devices; pin them to two so no test depends on the host."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_cli_flags_reach_the_video_config(two_visible_gpus):
     video = _parse(
         "--video-decoder-sessions", "3", "--video-decoder-cpu-sessions", "5", "--video-decode-gpus", "1,0"
     ).create_engine_config().video
     assert (video.decoder_sessions_per_gpu, video.decoder_cpu_sessions, video.decode_gpus) == (3, 5, (1, 0))
     default = _parse().create_engine_config().video
     assert (default.decoder_sessions_per_gpu, default.decoder_cpu_sessions, default.decode_gpus) == (4, None, None)
+    assert _parse("--video-decode-gpus", "all").create_engine_config().video.decode_gpus == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -58,9 +68,10 @@ def test_cli_flags_reach_the_video_config():
         ({"video_decoder_cpu_sessions": 0}, "CPU sessions must be >= 1"),
         ({"video_decode_gpus": "0,x"}, "'all' or device indices"),
         ({"video_decode_gpus": "1,1"}, "distinct CUDA device indices"),
+        ({"video_decode_gpus": "0,2"}, "names 2, but only 2 GPUs are visible"),
     ],
 )
-def test_bad_decoder_settings_are_rejected_by_name(kwargs, message):
+def test_bad_decoder_settings_are_rejected_by_name(kwargs, message, two_visible_gpus):
     with pytest.raises(ConfigError, match=message):
         EngineArgs(model="tiny-qwen2-vl", **kwargs).create_engine_config()
 
@@ -87,17 +98,21 @@ def _run(engine) -> dict:
     raise AssertionError("engine did not finish")
 
 
-def _expected_pixels(clip: bytes, image_config) -> torch.Tensor:
-    """Sequential decode (no pool) of the frames the engine samples, preprocessed as the engine does."""
+def _expected_pixels(clip: bytes, engine, backend: str) -> tuple[torch.Tensor, str]:
+    """Sequential decode (no pool) of the frames the engine samples by `backend` on the engine's device,
+    preprocessed there as the engine does (a GPU resizes in float32, the CPU in uint8); and the backend that
+    decoded. Pixels compare only between decodes by one backend: NVDEC's RGB conversion is not swscale's."""
     meta = probe_video(clip)
     indices = sample_frame_indices(meta.num_frames, meta.fps, VideoSamplingParams())
-    frames = decode_frames(clip, indices, backend="pyav").frames
+    decoded = decode_frames(clip, indices, device=engine.device, backend=backend)
+    image_config = engine.config.image_config
     plan = plan_video(len(indices), meta.height, meta.width, image_config, VideoProcessingParams(**SMALL))
-    return preprocess_video(frames, plan, image_config).pixel_values
+    return preprocess_video(decoded.frames, plan, image_config).pixel_values, decoded.backend
 
 
 def test_engine_decodes_a_video_gop_parallel_bit_exact_with_one_session(clip, monkeypatch):
-    llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_cpu_sessions=3)
+    # the PyAV sessions of the pool, on any engine device (a CUDA engine would otherwise decode with NVDEC)
+    llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_cpu_sessions=3, video_decode_backend="pyav")
     engine = llm.llm_engine
     pool = engine.video_decoders
     assert pool is not None and engine.video_stage.decoders is pool and pool.config.cpu_sessions == 3
@@ -115,7 +130,8 @@ def test_engine_decodes_a_video_gop_parallel_bit_exact_with_one_session(clip, mo
     assert outputs[request.request_id].error is None and len(outputs[request.request_id].outputs[0].token_ids) == 3
     assert chunk_counts == [(pool, 3)]  # split across all three sessions
     monkeypatch.undo()
-    assert request.mm_features[0].pixel_values.equal(_expected_pixels(clip, engine.config.image_config))
+    expected, backend = _expected_pixels(clip, engine, "pyav")
+    assert backend == "pyav" and request.mm_features[0].pixel_values.equal(expected)
     engine.check_idle_integrity()
 
     engine.shutdown()
@@ -124,13 +140,57 @@ def test_engine_decodes_a_video_gop_parallel_bit_exact_with_one_session(clip, mo
     engine.shutdown()  # idempotent
 
 
-def test_zero_sessions_decodes_in_one_session_with_the_same_pixels(clip):
+def test_zero_sessions_decodes_in_one_session_with_the_same_pixels(clip, monkeypatch):
+    # the default backend: PyAV on the CPU, NVDEC on a GPU with torchcodec (else PyAV); expected by the same one
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_sessions=0)
     engine = llm.llm_engine
     assert engine.video_decoders is None and engine.video_stage.decoders is None
+    engine_decodes = []
+    real_decode_frames = decode_module.decode_frames
+
+    def recording_decode_frames(*args, **kwargs):
+        decoded = real_decode_frames(*args, **kwargs)
+        engine_decodes.append((kwargs["decoders"], decoded.backend, decoded.num_chunks))
+        return decoded
+
+    monkeypatch.setattr(decode_module, "decode_frames", recording_decode_frames)
     request = engine.add_request({"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip}}, PARAMS)
     assert _run(engine)[request.request_id].error is None
-    assert request.mm_features[0].pixel_values.equal(_expected_pixels(clip, engine.config.image_config))
+    monkeypatch.undo()
+    expected, backend = _expected_pixels(clip, engine, engine.config.video.decode_backend)
+    assert engine_decodes == [(None, backend, 1)]
+    assert request.mm_features[0].pixel_values.equal(expected)
+    engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(
+    torch.cuda.is_available() and _import_torchcodec()[1] is not None,
+    reason=str(_import_torchcodec()[1]) if torch.cuda.is_available() else "",
+)
+def test_engine_decodes_a_video_over_nvdec_sessions_bit_exact_with_one_session(clip, monkeypatch):
+    llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_sessions=3, video_decode_backend="nvdec")
+    engine = llm.llm_engine
+    pool = engine.video_decoders
+    assert engine.device.type == "cuda" and pool.num_gpu_sessions() == 3
+    chunk_counts = []
+    real_decode_nvdec = flashcodec.decode_nvdec
+
+    def counting_decode_nvdec(*args, **kwargs):
+        frames, chunks = real_decode_nvdec(*args, **kwargs)
+        chunk_counts.append((kwargs["pool"], chunks))
+        return frames, chunks
+
+    monkeypatch.setattr(flashcodec, "decode_nvdec", counting_decode_nvdec)
+    request = engine.add_request({"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip}}, PARAMS)
+    outputs = _run(engine)
+    assert outputs[request.request_id].error is None and len(outputs[request.request_id].outputs[0].token_ids) == 3
+    assert chunk_counts == [(pool, 3)]  # split across the GPU's three NVDEC sessions
+    monkeypatch.undo()
+    expected, backend = _expected_pixels(clip, engine, "nvdec")
+    assert backend == "nvdec" and request.mm_features[0].pixel_values.equal(expected)
+    engine.check_idle_integrity()
     engine.shutdown()
 
 

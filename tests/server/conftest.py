@@ -55,10 +55,12 @@ class FinishRecorder:
 
 
 def perturb_weights(model: torch.nn.Module, seed: int = 7) -> None:
+    """The noise is drawn on the CPU (the seeded generator gives the same draws everywhere) and moved to each
+    parameter's device, so the server and the offline reference get the same weights on a GPU as on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+            param.add_((torch.randn(param.shape, generator=generator) * 0.2).to(param.device))
 
 
 def png_bytes(seed: int, height: int = 48, width: int = 64) -> bytes:

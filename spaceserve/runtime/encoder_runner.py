@@ -14,7 +14,8 @@ class EncoderRunner:
 
     @torch.inference_mode()
     def execute(self, batch: EncoderBatch) -> dict[str, torch.Tensor]:
-        pixel_values = torch.cat([item.pixel_values for item in batch.items]).to(self.device, non_blocking=True)
+        # images are preprocessed on the host, videos decoded with NVDEC already sit on the device
+        pixel_values = torch.cat([item.pixel_values.to(self.device, non_blocking=True) for item in batch.items])
         grid_thw = torch.tensor([item.grid_thw for item in batch.items], dtype=torch.long, device=self.device)
         embeddings = self.model.encode_images(pixel_values, grid_thw)
         rows = embeddings.split([item.num_tokens for item in batch.items])

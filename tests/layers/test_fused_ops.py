@@ -59,7 +59,7 @@ def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None
     (one ulp more in a row's variance scales the whole row)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     assert not actual.isnan().any(), "the kernel left elements unwritten (poison survived)"
-    ulps, max_mismatch = (4, 1.0) if expected.dtype == torch.float32 else (1, 0.01)
+    ulps, max_mismatch = (8, 1.0) if expected.dtype == torch.float32 else (1, 0.01)
     magnitude = expected.float().abs().clamp_min(torch.finfo(expected.dtype).tiny)
     ulp = torch.exp2(torch.floor(torch.log2(magnitude))) * torch.finfo(expected.dtype).eps
     diff = (actual.float() - expected.float()).abs()

@@ -326,10 +326,10 @@ def test_split_head_dim_covers_the_head_with_dot_sized_parts(head_dim, parts):
 @pytest.mark.parametrize(
     ("head_dim", "tiling"),
     [
-        (72, AttentionTiling(16, 16, 1, 1)),  # remainder part masked (64 + 8 of 16)
-        (64, AttentionTiling(32, 16, 1, 1)),  # a power of two: no remainder part
-        (96, AttentionTiling(16, 32, 1, 1)),  # 64 + 32
-        (80, AttentionTiling(64, 64, 1, 1)),  # the short-window tiles: whole windows of 64 per program
+        (72, AttentionTiling(16, 16, 4, 2)),  # head_dim padded to 128 with masked columns
+        (64, AttentionTiling(32, 16, 4, 2)),  # a power of two: no padding
+        (96, AttentionTiling(16, 32, 4, 2)),
+        (80, AttentionTiling(64, 64, 4, 2)),  # the short-window tiles: whole windows of 64 per program
     ],
     ids=lambda x: str(x) if isinstance(x, int) else f"m{x.block_m}-n{x.block_n}",
 )

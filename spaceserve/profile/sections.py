@@ -4,6 +4,7 @@ engines built the way LLMEngine builds them, with targets from issue 4."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -247,7 +248,7 @@ def run_decode(settings: ReportSettings, holder: EngineHolder, section: dict, co
                 if not host.exact:
                     row["note"] = "CPU figure is an upper bound (runner has no launch/collect)"
         # drop our references before the holder builds the next model, or both engines' KV caches coexist
-        del engine, runner
+        engine = runner = None
 
 
 def run_prefill(settings: ReportSettings, holder: EngineHolder, section: dict, context: dict) -> None:
@@ -292,13 +293,7 @@ def run_vision(settings: ReportSettings, holder: EngineHolder, section: dict, co
     for label, sizes in settings.vision_cases:
         grids = [floors.image_grid(h, w, model_config.vision) for h, w in sizes]
         batch = encoder_batch(engine, grids, rng)
-        runner = getattr(engine, "encoder_runner", None)
-        if runner is not None and callable(getattr(runner, "execute", None)):
-            path, call = "encoder_runner.execute", lambda: runner.execute(batch)
-        else:
-            pixels = torch.cat([item.pixel_values for item in batch.items])
-            grid_t = torch.tensor(grids, dtype=torch.long, device=engine.device)
-            path, call = "model.encode_images", lambda: engine.model.encode_images(pixels, grid_t)
+        path, call = "encoder_runner.execute", functools.partial(engine.encoder_runner.execute, batch)
         with torch.inference_mode():
             stats = time_calls(call, device, warmup=settings.warmup, iters=settings.iters)
         flops = floors.vision_flops(model_config, grids)
@@ -307,7 +302,6 @@ def run_vision(settings: ReportSettings, holder: EngineHolder, section: dict, co
         _rate_row(row, stats, flops.total, context["matmul_tflops"], VISION_TARGET)
         row.update(dataclasses.asdict(flops))
         section["rows"].append(row)
-        del batch
     free_device_memory()
 
 
@@ -326,12 +320,7 @@ def run_kv_plan(settings: ReportSettings, holder: EngineHolder, section: dict, c
         "kv_tensors_gib": allocated / GIB,
     }
     section["rows"].append(row)
-    plan = getattr(engine, "memory_plan", None)
-    if plan is None:
-        section["status_hint"] = "partial"
-        row["note"] = "TODO: engine.memory_plan does not exist in this build; no measured peak activations to compare"
-        return
-    fields = dataclasses.asdict(plan) if dataclasses.is_dataclass(plan) else dict(vars(plan))
+    fields = dataclasses.asdict(engine.memory_plan)
     row["memory_plan"] = fields
     if fields.get("source") != "profiled":
         section["status_hint"] = "not profiled"

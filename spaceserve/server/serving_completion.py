@@ -36,10 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
         stream = await self.add_request(prompt, params, request_id)
         if request.stream:
             return self._stream(stream, request, model, params)
-        try:
-            output = await final_output(stream)
-        except EngineDeadError as exc:
-            raise OpenAIServingError(str(exc), status_code=503, type="ServiceUnavailableError") from None
+        output = await final_output(stream)  # a dead engine becomes a 503 in the app's EngineDeadError handler
         completion = output.outputs[0]
         return CompletionResponse(
             id=request_id,

@@ -9,7 +9,8 @@ from spaceserve.core.errors import ConfigError
 from spaceserve.models.config import ImageProcessorConfig, ModelConfig
 
 EncoderPolicy = Literal["fcfs", "twsrft"]
-MultiplexMode = Literal["time"]
+MultiplexMode = Literal["time", "streams", "space", "auto"]
+MULTIPLEX_MODES: tuple[str, ...] = ("time", "streams", "space", "auto")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,12 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     multiplex: MultiplexMode = "time"
+    """time: the encoder runs inside the engine step on the whole device (vLLM v1); streams: concurrently, on a
+    CUDA stream of its own with no SM fence (on CPU: a worker thread); space: concurrently, on a disjoint SM
+    partition (green contexts); auto: space where green contexts work, otherwise time."""
+    encoder_sms: int | None = None
+    """space: SMs given to the encoder while it has work (rounded up to the device's granularity); None: about
+    40% of the device."""
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 16})
     attention_backend: str = "auto"
     """auto: triton on CUDA, the torch reference elsewhere."""
@@ -113,3 +120,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+
+    def __post_init__(self) -> None:
+        if self.multiplex not in MULTIPLEX_MODES:
+            raise ConfigError(f"multiplex must be one of {', '.join(MULTIPLEX_MODES)}, got {self.multiplex!r}")
+        if self.encoder_sms is not None and self.encoder_sms < 1:
+            raise ConfigError(f"encoder_sms must be >= 1, got {self.encoder_sms}")

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from spaceserve.config import CacheConfig, EncoderConfig, EngineConfig, SchedulerConfig, VideoConfig
+from spaceserve.config import (
+    MULTIPLEX_MODES,
+    CacheConfig,
+    EncoderConfig,
+    EngineConfig,
+    SchedulerConfig,
+    VideoConfig,
+)
 from spaceserve.core.errors import ConfigError
 from spaceserve.models.resolve import TINY_PRESETS, resolve_model
 
@@ -40,6 +47,7 @@ class EngineArgs:
     encoder_budget_tokens: int | None = None
     encoder_cache_tokens: int | None = None
     multiplex: str = "time"
+    encoder_sms: int | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
@@ -66,8 +74,6 @@ class EngineArgs:
                     f"{self.model!r} has no weights here (no downloads); pass load_format='dummy' for random weights"
                 )
             load_format = "dummy"  # the tiny presets exist to run without weights
-        if self.multiplex != "time":
-            raise ConfigError(f"multiplex mode {self.multiplex!r} is not available yet; this build runs 'time'")
         max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
@@ -81,6 +87,7 @@ class EngineArgs:
             device=self.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
+            encoder_sms=self.encoder_sms,
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
@@ -140,7 +147,16 @@ class EngineArgs:
         parser.add_argument("--encoder-window-s", type=float, default=0.05)
         parser.add_argument("--encoder-budget-tokens", type=int, default=None)
         parser.add_argument("--encoder-cache-tokens", type=int, default=None)
-        parser.add_argument("--multiplex", default="time", choices=["time"])
+        parser.add_argument(
+            "--multiplex",
+            default="time",
+            choices=list(MULTIPLEX_MODES),
+            help="time: encoder inside the engine step (vLLM v1); streams: concurrent on its own CUDA stream; "
+            "space: concurrent on a disjoint SM partition (green contexts); auto: space where possible, else time",
+        )
+        parser.add_argument(
+            "--encoder-sms", type=int, default=None, help="space: SMs for the encoder (rounded to the device's granularity)"
+        )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument("--enforce-eager", action="store_true", help="never run the decode step as a CUDA graph")
         parser.add_argument(

@@ -10,7 +10,9 @@ in for the graph pool). Then
 
 and the number of blocks is KV bytes // bytes per block. The encoder cache is counted at its capacity
 (EncoderConfig.cache_tokens rows of the LM hidden size). `time` multiplexing never runs the encoder and the LM
-at once, so their peaks overlap (max); concurrent modes add them.
+at once, so their peaks overlap (max); concurrent modes add them. PyTorch's caching allocator keeps each stream's
+freed blocks for that stream, so a stage that runs on several streams (space: the LM on the whole device and on its
+partition) is counted once per stream, and so is each set of decode graphs.
 
 Overrides: `num_gpu_blocks` fixes the count, `kv_cache_memory_bytes` fixes the bytes (no profiling); on CPU the
 default is 1 GiB capped at max_num_seqs x max_model_len.
@@ -158,9 +160,13 @@ def plan_memory(
     device_type: str,
     encoder_cache_bytes: int,
     profiled: ProfiledMemory | None = None,
-    concurrent_encoder: bool = False,
+    lm_streams: int = 1,
+    encoder_streams: int = 0,
 ) -> MemoryPlan:
-    """The plan from the overrides, or from `profiled` measurements (CUDA with gpu_memory_utilization)."""
+    """The plan from the overrides, or from `profiled` measurements (CUDA with gpu_memory_utilization).
+
+    `lm_streams`: streams the language model runs (and captures decode graphs) on; `encoder_streams`: streams the
+    encoder runs on concurrently with the LM, 0 when it runs inside the LM's step (time multiplexing)."""
     min_blocks = -(-scheduler.max_model_len // cache.block_size)
     if cache.num_gpu_blocks is not None:
         blocks = cache.num_gpu_blocks
@@ -182,12 +188,12 @@ def plan_memory(
     if profiled is None:
         raise ValueError("sizing the KV cache from gpu_memory_utilization needs profiled memory")
 
-    peaks = (profiled.lm_peak_bytes, profiled.encoder_peak_bytes)
-    peak = sum(peaks) if concurrent_encoder else max(peaks)
+    lm_peak = profiled.lm_peak_bytes * lm_streams
+    encoder_peak = profiled.encoder_peak_bytes * encoder_streams
+    peak = lm_peak + encoder_peak if encoder_streams else max(lm_peak, profiled.encoder_peak_bytes)
+    graph_bytes = profiled.cuda_graph_bytes * lm_streams
     usable = math.floor(profiled.total_bytes * cache.gpu_memory_utilization)
-    kv_bytes = (
-        usable - profiled.non_torch_bytes - profiled.weights_bytes - peak - profiled.cuda_graph_bytes - encoder_cache_bytes
-    )
+    kv_bytes = usable - profiled.non_torch_bytes - profiled.weights_bytes - peak - graph_bytes - encoder_cache_bytes
     blocks = max(kv_bytes, 0) // bytes_per_block
     plan = MemoryPlan(
         source="profiled",
@@ -199,9 +205,9 @@ def plan_memory(
         non_torch_bytes=profiled.non_torch_bytes,
         weights_bytes=profiled.weights_bytes,
         peak_activation_bytes=peak,
-        lm_peak_bytes=profiled.lm_peak_bytes,
-        encoder_peak_bytes=profiled.encoder_peak_bytes,
-        cuda_graph_bytes=profiled.cuda_graph_bytes,
+        lm_peak_bytes=lm_peak,
+        encoder_peak_bytes=encoder_peak if encoder_streams else profiled.encoder_peak_bytes,
+        cuda_graph_bytes=graph_bytes,
         encoder_cache_bytes=encoder_cache_bytes,
     )
     if blocks < min_blocks:

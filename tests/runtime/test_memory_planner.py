@@ -83,10 +83,17 @@ def test_profiled_plan_gives_the_kv_cache_what_is_left():
 
     concurrent = plan_memory(
         cache, SchedulerConfig(), per_block, device_type="cuda", encoder_cache_bytes=encoder_cache, profiled=profiled,
-        concurrent_encoder=True,
+        encoder_streams=1,
     )
     assert concurrent.peak_activation_bytes == lm + encoder
     assert concurrent.num_kv_blocks == (left - min(lm, encoder)) // per_block
+    # space: the LM on the whole device and on its partition, the encoder on its partition and the whole device
+    space = plan_memory(
+        cache, SchedulerConfig(), per_block, device_type="cuda", encoder_cache_bytes=encoder_cache, profiled=profiled,
+        lm_streams=2, encoder_streams=2,
+    )
+    assert space.peak_activation_bytes == 2 * (lm + encoder) and space.cuda_graph_bytes == 2 * (graph + 77)
+    assert space.num_kv_blocks == (left - max(lm, encoder) - 2 * min(lm, encoder) - graph - 77) // per_block
     assert str(plan.num_kv_blocks) in plan.summary()
 
 

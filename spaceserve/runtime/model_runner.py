@@ -6,10 +6,11 @@ Stable interface (the engine and the benchmarks time it):
 - `launch(scheduled, encoder_outputs) -> StepHandle`: enqueue everything on the runner's stream; no host sync.
 - `collect(handle) -> ModelRunnerOutput`: wait for that step's sampled ids (the step's one device->host sync).
 - `execute(scheduled, encoder_outputs)` = `collect(launch(...))`.
-All work runs on `stream`, graphs included, so a runner built on a partition's stream keeps its whole step on that
+All work runs on `stream`, graphs included, so a runner on a partition's stream keeps its whole step on that
 partition. Default: the current stream, unless that is the legacy default stream, on which CUDA cannot capture
 graphs; then a stream of the runner's own. Each launch first waits for work queued on the caller's stream
-(encoder outputs).
+(encoder outputs). `capture_cuda_graphs` can capture one graph set per stream (a graph runs on the SMs of the
+stream it was captured on), and `use_stream` switches between them between steps.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ModelRunner:
         self._sampled_done = [torch.cuda.Event() if pin else None for _ in range(_NUM_OUTPUT_BUFFERS)]
         self._next_output = 0
         self.cuda_graphs: DecodeCUDAGraphs | None = None
+        self._graphs_by_stream: dict[torch.cuda.Stream, DecodeCUDAGraphs] = {}
         self.num_graphed_steps = 0
         self.num_eager_steps = 0
 
@@ -88,13 +90,28 @@ class ModelRunner:
             raise RuntimeError("the KV cache cannot change once CUDA graphs captured it")
         self.kv_caches = kv_caches
 
-    def capture_cuda_graphs(self, sizes: tuple[int, ...]) -> None:
-        """Capture decode graphs of these batch sizes on the runner's stream (CUDA and a graph-capable backend)."""
+    def capture_cuda_graphs(self, sizes: tuple[int, ...], other_streams: tuple[torch.cuda.Stream, ...] = ()) -> None:
+        """Capture decode graphs of these batch sizes on the runner's stream and on each of `other_streams` (CUDA
+        and a graph-capable backend)."""
         if self.device.type != "cuda" or not getattr(self.backend, "supports_cuda_graphs", False):
             raise RuntimeError(f"CUDA graphs need a CUDA device and a backend that supports them, not {self.backend.name}")
-        graphs = DecodeCUDAGraphs(self._decode_logits, self.input_batch, sizes, self.vocab_size, self.stream)
-        graphs.capture()
-        self.cuda_graphs = graphs
+        for stream in (self.stream, *other_streams):
+            if stream in self._graphs_by_stream:
+                continue
+            graphs = DecodeCUDAGraphs(self._decode_logits, self.input_batch, sizes, self.vocab_size, stream)
+            graphs.capture()
+            self._graphs_by_stream[stream] = graphs
+        self.cuda_graphs = self._graphs_by_stream[self.stream]
+
+    def use_stream(self, stream: torch.cuda.Stream) -> None:
+        """Run the next steps on `stream` (its own graph set if one was captured). Work already queued on the
+        previous stream comes first."""
+        if stream == self.stream:
+            return
+        stream.wait_stream(self.stream)
+        self.stream = stream
+        if self._graphs_by_stream:
+            self.cuda_graphs = self._graphs_by_stream.get(stream)
 
     def release(self, request_id: str) -> None:
         self.input_batch.release(request_id)

@@ -19,6 +19,7 @@ from spaceserve.runtime.memory_planner import (
     run_largest_encoder_batch,
 )
 from spaceserve.runtime.model_runner import ModelRunner
+from spaceserve.runtime.multiplex import ExecutionLayout
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def build_model_runner(
     model: torch.nn.Module,
     dtype: torch.dtype,
     device: torch.device,
-    stream: torch.cuda.Stream | None = None,
+    layout: ExecutionLayout,
 ) -> tuple[ModelRunner, MemoryPlan]:
     text = config.model_config.text
     block_size = config.cache.block_size
@@ -51,7 +52,7 @@ def build_model_runner(
         max_num_tokens=max(sched.max_num_batched_tokens, max(graph_sizes, default=0)),
         max_num_seqs=sched.max_num_seqs,
         max_model_len=sched.max_model_len,
-        stream=stream,
+        stream=layout.lm_stream,
     )
     element = torch.empty((), dtype=dtype).element_size()
     encoder_cache_bytes = config.encoder.cache_tokens * text.hidden_size * element
@@ -73,11 +74,13 @@ def build_model_runner(
         device_type=device.type,
         encoder_cache_bytes=encoder_cache_bytes,
         profiled=profiled,
-        concurrent_encoder=config.multiplex != "time",
+        lm_streams=max(1, len(layout.lm_streams)),
+        encoder_streams=layout.num_encoder_streams,
     )
     logger.info(plan.summary())
     runner.initialize_kv_caches(allocate_kv_caches(text, plan.num_kv_blocks, block_size, dtype, device))
     if graph_sizes:
-        runner.capture_cuda_graphs(graph_sizes)
-        logger.info("captured decode CUDA graphs for batch sizes %s", graph_sizes)
+        other_streams = tuple(s for s in layout.lm_streams if s != runner.stream)
+        runner.capture_cuda_graphs(graph_sizes, other_streams)
+        logger.info("captured decode CUDA graphs for batch sizes %s on %d stream(s)", graph_sizes, 1 + len(other_streams))
     return runner, plan

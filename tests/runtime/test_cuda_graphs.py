@@ -96,7 +96,8 @@ def test_graphed_decode_on_the_tiny_parity_checkpoints(architecture, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_graphs_captured_and_replayed_on_a_side_stream_give_the_same_tokens():
+def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
+    from spaceserve.runtime.multiplex import ExecutionLayout
     from spaceserve.runtime.runner_setup import build_model_runner
 
     prompts = _prompts(np.random.default_rng(3), 5)
@@ -104,15 +105,25 @@ def test_graphs_captured_and_replayed_on_a_side_stream_give_the_same_tokens():
     llm = make_llm("tiny-qwen2-vl", max_model_len=512, max_num_seqs=8, dtype="float32", attention_backend="triton",
                    enforce_eager=True)
     engine = llm.llm_engine
-    side = torch.cuda.Stream()
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
     config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES)
-    runner, plan = build_model_runner(config, engine.model, engine.dtype, engine.device, stream=side)
+    layout = ExecutionLayout("time", "time", "test", lm_stream=side, lm_partition_stream=other)
+    runner, plan = build_model_runner(config, engine.model, engine.dtype, engine.device, layout)
     assert plan.num_kv_blocks == engine.num_kv_blocks
     assert runner.stream == side and runner.cuda_graphs.stream == side
     engine.model_runner = runner
+    launch = runner.launch
+    streams_used = []
+
+    def launch_alternating(scheduled, encoder_outputs):  # switch graph sets between steps, as space mode does
+        runner.use_stream(other if len(streams_used) % 2 else side)
+        streams_used.append(runner.cuda_graphs.stream)
+        return launch(scheduled, encoder_outputs)
+
+    runner.launch = launch_alternating
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert runner.num_graphed_steps > 0
+    assert runner.num_graphed_steps > 0 and set(streams_used) == {side, other}
     assert tokens == expected
 
 

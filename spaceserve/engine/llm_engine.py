@@ -1,8 +1,10 @@
 """The engine: owns the schedulers, caches and runners, and advances every request by one step at a time.
 
 `time` multiplexing (vLLM v1's behaviour, the baseline): each step first runs one encoder batch on the whole
-device, then the language-model step. The encoder side (EncoderScheduler -> EncoderRunner -> encoder cache with a
-ready flag per image) is separate from the LM side, so a concurrent encoder can replace the first half of step().
+device, then the language-model step. `streams` and `space` run the encoder concurrently in a worker
+(concurrent_encoder.py) that the step feeds and collects from; the LM step itself is the same in every mode. The
+encoder side (EncoderScheduler -> EncoderRunner -> encoder cache with a ready flag per image) is separate from
+the LM side, and the LM scheduler prefills a request only up to its first image that is not ready.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,12 +22,15 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.sampling_params import SamplingParams
+from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from spaceserve.engine.concurrent_encoder import ConcurrentEncoder
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.kvcache.encoder_cache import EncoderCache
 from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.runtime.encoder_runner import EncoderRunner
+from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.runner_setup import build_model_runner
 from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage, build_decoder_pool
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
@@ -33,9 +38,20 @@ from spaceserve.sched.scheduler import Scheduler
 from spaceserve.tokenizer import load_tokenizer
 
 _IDLE_DECODE_WAIT_S = 0.01
+_IDLE_ENCODER_WAIT_S = 0.002
 DECODE_FAILURE_PREFIX = "video decoding failed: "
 """Starts the error of a request whose video failed to decode for a reason other than its input (a decoder or device
 fault); a failure caused by the input (InvalidInputError) carries that error's own message."""
+
+
+@dataclass
+class LoopStats:
+    """Where the engine thread's time goes (totals): `lm_host_s` is Python work around LM steps (scheduling,
+    input preparation, launches, output handling), `lm_wait_s` the time spent waiting for the device."""
+
+    lm_steps: int = 0
+    lm_host_s: float = 0.0
+    lm_wait_s: float = 0.0
 
 
 @dataclass
@@ -58,8 +74,10 @@ class LLMEngine:
             device=self.device,
             seed=config.seed,
         )
-        # profiles memory on CUDA, sizes and allocates the KV cache, captures decode CUDA graphs
-        self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device)
+        # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
+        self.layout = resolve_layout(config, self.device)
+        # profiles memory on CUDA, sizes and allocates the KV cache, captures decode CUDA graphs (per LM stream)
+        self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device, self.layout)
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
 
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -70,6 +88,18 @@ class LLMEngine:
         self.encoder_outputs: dict[str, torch.Tensor] = {}
         # CUDA events recorded after encoder batches, resolved to encoder_end_time once the step has synced
         self._encoder_end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []
+        self.concurrent_encoder: ConcurrentEncoder | None = None
+        if self.layout.concurrent:
+            self.concurrent_encoder = ConcurrentEncoder(
+                self.layout,
+                self.encoder_runner,
+                self.device,
+                self.encoder_scheduler,
+                self.encoder_cache,
+                self.encoder_outputs,
+                self.scheduler.requests,
+            )
+        self.loop_stats = LoopStats()
 
         self.input_processor = InputProcessor(config, self.tokenizer)
         # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
@@ -146,24 +176,31 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        step_start = time.monotonic()
         failed = self._admit_decoded()
-        encoded = self._run_encoder()
+        concurrent = self.concurrent_encoder
+        encoded = self._run_encoder() if concurrent is None else concurrent.collect()
         scheduled = self.scheduler.schedule()
+        if concurrent is not None:
+            concurrent.dispatch(lm_idle=scheduled.is_empty)
         if scheduled.is_empty:
-            self._resolve_encoder_end_times()
-            if self._decoding and not encoded and not self.encoder_scheduler.has_work:
-                # nothing else to run: wait a moment for a decode rather than spin (new work is picked up next step)
-                wait([f for p in self._decoding.values() for _, f in p.futures], _IDLE_DECODE_WAIT_S, FIRST_COMPLETED)
-                return failed
-            if not encoded and not self.encoder_scheduler.has_work and self.has_unfinished_requests():
-                # time mode has no work in flight elsewhere: with no image queued, nothing can ever run
-                raise RuntimeError(
-                    f"engine stalled: {self.scheduler.num_waiting} waiting and {self.scheduler.num_running} running "
-                    f"requests, {self.encoder_scheduler.num_queued_items} images queued, none can be scheduled"
-                )
+            self._wait_for_work(encoded)
             return failed
-        runner_output = self.model_runner.execute(scheduled, self.encoder_outputs)
+        if concurrent is not None and (stream := concurrent.lm_stream()) is not None:
+            self.model_runner.use_stream(stream)
+        handle = self.model_runner.launch(scheduled, self.encoder_outputs)
+        launched = time.monotonic()
+        runner_output = self.model_runner.collect(handle)
+        collected = time.monotonic()
         self._resolve_encoder_end_times()
+        outputs = self._process_step_output(scheduled, runner_output)
+        stats = self.loop_stats
+        stats.lm_steps += 1
+        stats.lm_wait_s += collected - launched
+        stats.lm_host_s += (launched - step_start) + (time.monotonic() - collected)
+        return failed + outputs
+
+    def _process_step_output(self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         updated = self.scheduler.update_from_output(scheduled, runner_output)
         now = time.monotonic()
         for request in updated:
@@ -178,7 +215,24 @@ class LLMEngine:
         for request in updated:
             if request.is_finished:
                 self._forget(request)
-        return failed + outputs
+        return outputs
+
+    def _wait_for_work(self, encoded: bool) -> None:
+        """Nothing for the LM this step: wait briefly for the work in flight elsewhere, or report a stall."""
+        self._resolve_encoder_end_times()
+        if self.concurrent_encoder is not None and self.concurrent_encoder.busy:
+            self.concurrent_encoder.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
+            return
+        if self._decoding and not encoded and not self.encoder_scheduler.has_work:
+            # nothing else to run: wait a moment for a decode rather than spin (new work is picked up next step)
+            wait([f for p in self._decoding.values() for _, f in p.futures], _IDLE_DECODE_WAIT_S, FIRST_COMPLETED)
+            return
+        if not encoded and not self.encoder_scheduler.has_work and self.has_unfinished_requests():
+            # no encoder work is queued or in flight: with nothing schedulable, nothing can ever run
+            raise RuntimeError(
+                f"engine stalled: {self.scheduler.num_waiting} waiting and {self.scheduler.num_running} running "
+                f"requests, {self.encoder_scheduler.num_queued_items} images queued, none can be scheduled"
+            )
 
     def _admit_decoded(self) -> list[RequestOutput]:
         """Queue the requests whose videos are all ready; finish those whose decode failed with an error output."""
@@ -260,12 +314,27 @@ class LLMEngine:
         self.model_runner.release(request.request_id)
 
     def shutdown(self) -> None:
-        """Stop the video decode stage and close the decoder sessions. Idempotent."""
+        """Stop the encoder worker and the video decode stage, and close the decoder sessions. Idempotent."""
+        if self.concurrent_encoder is not None:
+            self.concurrent_encoder.shutdown()
         self.video_stage.shutdown()
         if self.video_decoders is not None:
             self.video_decoders.close()
 
     # ---- introspection -----------------------------------------------------------------------------------
+
+    def loop_counters(self) -> dict[str, float]:
+        """Totals of where both loops spend their time (for benchmarks: the GIL and host work, measured)."""
+        counters: dict[str, float] = asdict(self.loop_stats)
+        if self.concurrent_encoder is not None:
+            worker = self.concurrent_encoder.worker.stats
+            counters.update(
+                encoder_batches=worker.num_batches,
+                encoder_launch_s=worker.launch_s,
+                encoder_busy_s=worker.busy_s,
+                encoder_full_device_batches=worker.num_full_device_batches,
+            )
+        return counters
 
     def check_idle_integrity(self) -> None:
         """With no request in flight, every KV block is free and no encoder-cache entry is referenced."""

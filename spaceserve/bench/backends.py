@@ -123,13 +123,14 @@ class InProcessBackend:
             **ttft_split(final.metrics),
         )
 
-    async def engine_counters(self) -> dict[str, int]:
-        def read(engine: Any) -> dict[str, int]:
+    async def engine_counters(self) -> dict[str, float]:
+        def read(engine: Any) -> dict[str, float]:
             stats = engine.kv_manager.prefix_cache_stats
             return {
                 "num_preemptions": engine.scheduler.num_preemptions,
                 "prefix_cache_query_tokens": stats.queries,
                 "prefix_cache_hit_tokens": stats.hits,
+                **engine.loop_counters(),  # host time of the LM loop and the encoder worker (GIL pressure)
             }
 
         return await self.engine.run_in_engine(read)  # read between steps on the engine thread: exact

@@ -235,6 +235,7 @@ def engine_settings(engine_args: EngineArgs, config: Any, engine: Any) -> dict[s
         "cache": asdict(config.cache),
         "video": asdict(config.video),
         "num_kv_blocks": engine.stats.num_kv_blocks,
+        "execution": getattr(engine, "execution", None),
     }
 
 

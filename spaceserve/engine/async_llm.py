@@ -171,6 +171,7 @@ class AsyncLLM:
         # Stateless (config + tokenizer); safe to call from the input workers while the engine thread steps.
         self.input_processor = self._engine.input_processor
         self.tokenizer = self._engine.tokenizer
+        self.execution = self._engine.layout.describe()  # the multiplex mode that runs and its SM split
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> AsyncLLM:

@@ -52,6 +52,8 @@ class LoopStats:
     lm_steps: int = 0
     lm_host_s: float = 0.0
     lm_wait_s: float = 0.0
+    encoder_inline_s: float = 0.0
+    """time: host time of the encoder batches run inside steps (launch + the wait for them); not in lm_host_s."""
 
 
 @dataclass
@@ -179,7 +181,13 @@ class LLMEngine:
         step_start = time.monotonic()
         failed = self._admit_decoded()
         concurrent = self.concurrent_encoder
-        encoded = self._run_encoder() if concurrent is None else concurrent.collect()
+        if concurrent is None:
+            encoder_start = time.monotonic()
+            encoded = self._run_encoder()
+            self.loop_stats.encoder_inline_s += time.monotonic() - encoder_start
+            step_start += time.monotonic() - encoder_start
+        else:
+            encoded = concurrent.collect()
         scheduled = self.scheduler.schedule()
         if concurrent is not None:
             concurrent.dispatch(lm_idle=scheduled.is_empty)

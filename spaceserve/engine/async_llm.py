@@ -19,6 +19,7 @@ forwards what it returns, so an engine that encodes concurrently inside LLMEngin
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -29,6 +30,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+
+import torch
 
 from spaceserve.config import EngineConfig
 from spaceserve.core.errors import InvalidInputError, SpaceServeError
@@ -253,6 +256,16 @@ class AsyncLLM:
                 self._commands.put(_Shutdown())
         self._thread.join(timeout)
         self._input_pool.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():
+            self._release_device_memory()
+
+    def _release_device_memory(self) -> None:
+        """Drop the stopped engine so its weights, KV cache and graphs go back to the device: a process that starts
+        another engine next (a benchmark sweeping modes) must find the memory free when it profiles."""
+        self._engine = None  # type: ignore[assignment]
+        gc.collect()  # the engine's parts reference each other (runner, encoder worker)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     # ---- submitting commands ----------------------------------------------------------------------------------
 

@@ -77,6 +77,10 @@ class EncoderWorker:
         self.device = device
         self.max_in_flight = max_in_flight
         self.stats = EncoderWorkerStats()
+        # the CUDA device is per thread; resolve "cuda" to the index the engine thread uses
+        self._device_index = None
+        if device.type == "cuda":
+            self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done = _Completions()
         self._in_flight = 0  # submitted and not yet polled; touched only by the engine thread
@@ -117,8 +121,8 @@ class EncoderWorker:
     # ---- the worker thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if self._device_index is not None:
+            torch.cuda.set_device(self._device_index)
         while True:
             job = self._jobs.get()
             if job is _STOP:

@@ -47,7 +47,8 @@ class EngineArgs:
     encoder_budget_tokens: int | None = None
     encoder_cache_tokens: int | None = None
     multiplex: str = "time"
-    encoder_sms: int | None = None
+    encoder_sms: str | int | tuple[int, ...] | None = None
+    """space: SMs for the encoder, one count or several ("48,96": a split per count, chosen by LM load)."""
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
@@ -87,7 +88,7 @@ class EngineArgs:
             device=self.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
-            encoder_sms=self.encoder_sms,
+            encoder_sms=_parse_sm_counts(self.encoder_sms),
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
@@ -155,7 +156,10 @@ class EngineArgs:
             "space: concurrent on a disjoint SM partition (green contexts); auto: space where possible, else time",
         )
         parser.add_argument(
-            "--encoder-sms", type=int, default=None, help="space: SMs for the encoder (rounded to the device's granularity)"
+            "--encoder-sms",
+            default=None,
+            help="space: SMs for the encoder, e.g. 48 or 48,96 (a split per count: the smallest while the LM is busy, "
+            "the largest while it runs few sequences); rounded to the device's granularity",
         )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument("--enforce-eager", action="store_true", help="never run the decode step as a CUDA graph")
@@ -197,6 +201,19 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _parse_sm_counts(counts: str | int | tuple[int, ...] | None) -> tuple[int, ...]:
+    if counts is None:
+        return ()
+    if isinstance(counts, int):
+        return (counts,)
+    if isinstance(counts, str):
+        try:
+            return tuple(int(item) for item in counts.split(",") if item.strip())
+        except ValueError:
+            raise ConfigError(f"encoder_sms must be SM counts like 48 or 48,96, got {counts!r}") from None
+    return tuple(counts)
 
 
 def _resolve_decode_gpus(gpus: str | tuple[int, ...] | None) -> tuple[int, ...] | None:

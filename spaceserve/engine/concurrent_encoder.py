@@ -6,13 +6,20 @@ Each engine step: `collect` stores the embeddings of finished batches and marks 
 scheduler can then prefill past them); the LM step is scheduled; `dispatch` hands the worker new batches in the
 encoder policy's order while it has room (at most two batches in flight); `lm_stream` says where the LM step runs.
 
-In `space` the encoder's batches run on its SM partition, except a batch dispatched while the LM had nothing to run,
-which gets the whole device (a lone request's image is encoded as fast as `time` would). The LM runs on its
-partition while a batch is in flight and on the whole device otherwise.
+In `space` each batch runs on the encoder side of the split `ExecutionLayout.partition_for` picks from the LM's
+load, except a batch dispatched while the LM had nothing to run, which gets the whole device (a lone request's
+image is encoded as fast as `time` would). Batches in flight together share one split, and the LM runs on that
+split's other side while they are in flight, on the whole device otherwise.
+
+Both loops are Python threads. When the LM thread returns from its device wait it needs the GIL, which the
+encoder thread may hold while launching the vision tower; CPython hands it over only every switch interval (5 ms
+by default, as long as a decode step), so starting a concurrent encoder lowers the interval to
+`GIL_SWITCH_INTERVAL_S` for the process.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -21,8 +28,12 @@ from spaceserve.core.request import Request
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
+from spaceserve.runtime.sm_partition import SMPartition
 from spaceserve.kvcache.encoder_cache import EncoderCache
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
+
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class EncoderFailedError(RuntimeError):
@@ -45,7 +56,9 @@ class ConcurrentEncoder:
         self.encoder_cache = encoder_cache
         self.encoder_outputs = encoder_outputs
         self.requests = requests
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.worker = EncoderWorker(runner, device)
+        self._split: SMPartition | None = None  # the split of the batches in flight (None: whole device / streams)
 
     @property
     def busy(self) -> bool:
@@ -56,11 +69,18 @@ class ConcurrentEncoder:
         finished = self.worker.poll(timeout)
         for done in finished:
             self._take(done)
+        if not self.busy:
+            self._split = None
         return bool(finished)
 
-    def dispatch(self, lm_idle: bool) -> None:
+    def dispatch(self, lm_idle: bool, num_running: int) -> None:
         while self.worker.has_room:
             on_full_device = lm_idle and not self.busy and self.layout.encoder_full_stream is not None
+            split = None
+            if self.layout.partitions and not on_full_device:
+                split = self.layout.partition_for(num_running)
+                if self.busy and split is not self._split:
+                    return  # one split at a time: the LM must know which SMs are its own
             batch = self.encoder_scheduler.schedule()
             for mm_hash in self.encoder_scheduler.pop_evicted():
                 self.encoder_outputs.pop(mm_hash, None)
@@ -71,12 +91,18 @@ class ConcurrentEncoder:
                 request = self.requests.get(request_id)
                 if request is not None:
                     request.encoder_scheduled_time = now
-            stream = self.layout.encoder_full_stream if on_full_device else self.layout.encoder_stream
+            if on_full_device:
+                stream = self.layout.encoder_full_stream
+            else:
+                stream = split.encoder_stream if split is not None else self.layout.encoder_stream
+            self._split = split
             self.worker.submit(batch, stream, on_full_device)
+            if on_full_device:
+                return  # a whole-device batch runs alone
 
     def lm_stream(self) -> torch.cuda.Stream | None:
-        if self.busy and self.layout.lm_partition_stream is not None:
-            return self.layout.lm_partition_stream
+        if self.busy and self._split is not None:
+            return self._split.lm_stream
         return self.layout.lm_stream
 
     def shutdown(self) -> None:

@@ -190,7 +190,7 @@ class LLMEngine:
             encoded = concurrent.collect()
         scheduled = self.scheduler.schedule()
         if concurrent is not None:
-            concurrent.dispatch(lm_idle=scheduled.is_empty)
+            concurrent.dispatch(lm_idle=scheduled.is_empty, num_running=self.scheduler.num_running)
         if scheduled.is_empty:
             self._wait_for_work(encoded)
             return failed

@@ -16,7 +16,8 @@ class EncoderRunner:
     def execute(self, batch: EncoderBatch) -> dict[str, torch.Tensor]:
         # images are preprocessed on the host, videos decoded with NVDEC already sit on the device
         pixel_values = torch.cat([item.pixel_values.to(self.device, non_blocking=True) for item in batch.items])
-        grid_thw = torch.tensor([item.grid_thw for item in batch.items], dtype=torch.long, device=self.device)
+        # kept on the host: the towers read it there (.tolist()), and on the device that read would sync
+        grid_thw = torch.tensor([item.grid_thw for item in batch.items], dtype=torch.long)
         embeddings = self.model.encode_images(pixel_values, grid_thw)
         rows = embeddings.split([item.num_tokens for item in batch.items])
         return {item.mm_hash: row for item, row in zip(batch.items, rows)}

@@ -3,9 +3,11 @@
 - time: no streams of its own; the engine runs the encoder inside its step, on the LM's stream.
 - streams: the LM on one CUDA stream, the encoder on another, both over the whole device (no SM fence).
   On CPU: the encoder runs in a worker thread with no streams.
-- space: two disjoint SM partitions from one green-context split; the LM uses its partition while an encoder batch
-  is in flight and a stream over the whole device otherwise; the encoder uses its partition, or the whole device
-  when the LM had nothing to run as its batch was dispatched.
+- space: disjoint SM partitions, one green-context split per configured encoder share; the LM uses its side of the
+  split while an encoder batch is in flight and a stream over the whole device otherwise; the encoder uses its side,
+  or the whole device when the LM had nothing to run as its batch was dispatched. With several splits,
+  `partition_for` picks per batch: the largest encoder share while the LM runs few sequences (decode barely needs
+  SMs, the image's TTFT does), the smallest once it runs many (their TPOT does).
 - auto: space where green contexts work, otherwise time, with the reason.
 """
 
@@ -22,9 +24,12 @@ from spaceserve.runtime.sm_partition import SMPartition, get_partition_manager, 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENCODER_SM_FRACTION = 0.4
-"""Without --encoder-sms, space gives the encoder about this share of the SMs: decode is bandwidth-bound and
-barely slows on the rest (DESIGN.md: a decode step on 84 of 132 SMs took 1.03x its whole-device time)."""
+DEFAULT_ENCODER_SM_FRACTIONS = (0.36, 0.73)
+"""Without --encoder-sms, space's splits give the encoder about these shares of the SMs (48 and 96 of an H100's or
+H200's 132), picked from the bench sweep of 48/64/96 on the H200 (docs/PERFORMANCE.md)."""
+
+LIGHT_LOAD_SEQS = 16
+"""At most this many running sequences: the LM is lightly loaded and the encoder gets the largest split."""
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,17 @@ class ExecutionLayout:
     """Why this mode (auto's choice, or "requested")."""
     lm_stream: torch.cuda.Stream | None
     """The LM's stream over the whole device; None on CPU or in time mode (the runner picks its own)."""
-    lm_partition_stream: torch.cuda.Stream | None = None
-    """space: the LM's stream on its SM partition, used while the encoder has a batch in flight."""
     encoder_stream: torch.cuda.Stream | None = None
-    """streams/space: the stream encoder batches normally run on (space: the encoder partition)."""
+    """streams: the encoder's stream (space: each partition has its own)."""
     encoder_full_stream: torch.cuda.Stream | None = None
     """space: a stream over the whole device for encoder batches dispatched while the LM is idle."""
-    partition: SMPartition | None = None
+    partitions: tuple[SMPartition, ...] = ()
+    """space: the splits, smallest encoder share first."""
+
+    def partition_for(self, num_running: int) -> SMPartition:
+        if not self.partitions:
+            raise RuntimeError(f"{self.mode} has no SM partitions")
+        return self.partitions[-1] if num_running <= LIGHT_LOAD_SEQS else self.partitions[0]
 
     @property
     def concurrent(self) -> bool:
@@ -50,21 +59,23 @@ class ExecutionLayout:
 
     @property
     def lm_streams(self) -> tuple[torch.cuda.Stream, ...]:
-        return tuple(s for s in (self.lm_stream, self.lm_partition_stream) if s is not None)
+        """Every stream the LM runs on: the whole device first, then its side of each split."""
+        streams = [self.lm_stream] if self.lm_stream is not None else []
+        return tuple(streams + [p.lm_stream for p in self.partitions])
 
     @property
     def num_encoder_streams(self) -> int:
         """Streams the encoder runs on concurrently with the LM (0: inside the LM's step)."""
         if not self.concurrent:
             return 0
-        return max(1, len([s for s in (self.encoder_stream, self.encoder_full_stream) if s is not None]))
+        return max(1, len(self.partitions) + int(self.encoder_full_stream is not None))
 
     def describe(self) -> dict[str, object]:
         described: dict[str, object] = {"multiplex": self.mode, "requested": self.requested, "reason": self.reason}
-        if self.partition is not None:
-            described.update(
-                encoder_sms=self.partition.encoder_sms, lm_sms=self.partition.lm_sms, total_sms=self.partition.total_sms
-            )
+        if self.partitions:
+            described["total_sms"] = self.partitions[0].total_sms
+            described["splits"] = [{"encoder_sms": p.encoder_sms, "lm_sms": p.lm_sms} for p in self.partitions]
+            described["light_load_seqs"] = LIGHT_LOAD_SEQS
         return described
 
 
@@ -88,22 +99,22 @@ def resolve_layout(config: EngineConfig, device: torch.device) -> ExecutionLayou
         return ExecutionLayout(
             "streams", requested, reason, lm_stream=torch.cuda.Stream(device), encoder_stream=torch.cuda.Stream(device)
         )
-    partition = get_partition_manager(device).partition(config.encoder_sms or _default_encoder_sms(device))
-    logger.info(
-        "space: encoder %d SMs, language model %d of %d SMs", partition.encoder_sms, partition.lm_sms, partition.total_sms
-    )
+    manager = get_partition_manager(device)
+    counts = config.encoder_sms or _default_encoder_sms(device)
+    partitions = {p.encoder_sms: p for p in (manager.partition(count) for count in counts)}  # rounding may merge two
+    ordered = tuple(partitions[count] for count in sorted(partitions))
+    for p in ordered:
+        logger.info("space: encoder %d SMs, language model %d of %d SMs", p.encoder_sms, p.lm_sms, p.total_sms)
     return ExecutionLayout(
         "space",
         requested,
         reason,
         lm_stream=torch.cuda.Stream(device),
-        lm_partition_stream=partition.lm_stream,
-        encoder_stream=partition.encoder_stream,
         encoder_full_stream=torch.cuda.Stream(device),
-        partition=partition,
+        partitions=ordered,
     )
 
 
-def _default_encoder_sms(device: torch.device) -> int:
+def _default_encoder_sms(device: torch.device) -> tuple[int, ...]:
     total = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, round(total * DEFAULT_ENCODER_SM_FRACTION))
+    return tuple(max(1, round(total * fraction)) for fraction in DEFAULT_ENCODER_SM_FRACTIONS)

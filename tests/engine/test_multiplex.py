@@ -196,14 +196,19 @@ def test_space_reports_its_split_and_replays_graphs_on_both_lm_streams():
     reason = green_context_support(torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)
-    llm = make_llm("tiny-qwen2-vl", max_model_len=1024, multiplex="space", encoder_sms=20, attention_backend="triton")
+    llm = make_llm(
+        "tiny-qwen2-vl", max_model_len=1024, multiplex="space", encoder_sms="20,100", attention_backend="triton"
+    )
     engine = llm.llm_engine
     try:
         described = engine.layout.describe()
-        assert described["multiplex"] == "space" and described["encoder_sms"] >= 20
-        assert described["encoder_sms"] + described["lm_sms"] == described["total_sms"]
+        assert described["multiplex"] == "space" and len(described["splits"]) == 2
+        small, large = described["splits"]
+        assert 20 <= small["encoder_sms"] < large["encoder_sms"]
+        for split in described["splits"]:
+            assert split["encoder_sms"] + split["lm_sms"] == described["total_sms"]
         runner = engine.model_runner
-        assert set(runner._graphs_by_stream) == set(engine.layout.lm_streams)
+        assert set(runner._graphs_by_stream) == set(engine.layout.lm_streams) and len(runner._graphs_by_stream) == 3
         prompts = _mixed_prompts(seed=2, count=16)
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
         assert runner.num_graphed_steps > 0

@@ -98,6 +98,7 @@ def test_graphed_decode_on_the_tiny_parity_checkpoints(architecture, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
     from spaceserve.runtime.multiplex import ExecutionLayout
+    from spaceserve.runtime.sm_partition import SMPartition
     from spaceserve.runtime.runner_setup import build_model_runner
 
     prompts = _prompts(np.random.default_rng(3), 5)
@@ -107,7 +108,8 @@ def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
     engine = llm.llm_engine
     side, other = torch.cuda.Stream(), torch.cuda.Stream()
     config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES)
-    layout = ExecutionLayout("time", "time", "test", lm_stream=side, lm_partition_stream=other)
+    split = SMPartition(encoder_sms=0, lm_sms=0, total_sms=0, encoder_stream=other, lm_stream=other)  # its LM side
+    layout = ExecutionLayout("time", "time", "test", lm_stream=side, partitions=(split,))
     runner, plan = build_model_runner(config, engine.model, engine.dtype, engine.device, layout)
     assert plan.num_kv_blocks == engine.num_kv_blocks
     assert runner.stream == side and runner.cuda_graphs.stream == side

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,7 @@ from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.input_processor import PromptType
 from spaceserve.engine.llm_engine import LLMEngine
+from spaceserve.engine.stats import EngineStats, StatLogger
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,29 +50,6 @@ _EMPTY_STEP_WAIT_S = 0.0005
 
 class EngineDeadError(SpaceServeError, RuntimeError):
     """The engine loop stopped (an exception inside the engine, or shutdown); no request can be served."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What /metrics shows about the engine's state, as of the engine thread's latest step."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    """Not yet scheduled: waiting in the LM scheduler or for their videos to be decoded."""
-    num_kv_blocks: int = 0
-    num_free_kv_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    encoder_cache_usage: float = 0.0
-    num_encoder_queued_items: int = 0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-
-
-class StatLogger(Protocol):
-    def record_finished(self, output: RequestOutput) -> None:
-        """Called on the engine thread with each request's last output (finished, aborted or failed)."""
-        ...
 
 
 # ---- commands the engine thread executes, in order --------------------------------------------------------------

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spaceserve.core.outputs import RequestOutput
-from spaceserve.engine.async_llm import EngineStats
+from spaceserve.engine.stats import EngineStats
 
 # seconds; dense where interactive serving lives, sparse out to the long tail
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)

@@ -20,11 +20,11 @@ by default, as long as a decode step), so starting a concurrent encoder lowers t
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 from spaceserve.core.request import Request
+from spaceserve.engine.encoder_batches import stamp_requests, store_embeddings, take_encoder_batch
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
@@ -81,16 +81,9 @@ class ConcurrentEncoder:
                 split = self.layout.partition_for(num_running)
                 if self.busy and split is not self._split:
                     return  # one split at a time: the LM must know which SMs are its own
-            batch = self.encoder_scheduler.schedule()
-            for mm_hash in self.encoder_scheduler.pop_evicted():
-                self.encoder_outputs.pop(mm_hash, None)
+            batch = take_encoder_batch(self.encoder_scheduler, self.encoder_outputs, self.requests)
             if batch is None:
                 return
-            now = time.monotonic()
-            for request_id in batch.request_ids:
-                request = self.requests.get(request_id)
-                if request is not None:
-                    request.encoder_scheduled_time = now
             if on_full_device:
                 stream = self.layout.encoder_full_stream
             else:
@@ -111,10 +104,5 @@ class ConcurrentEncoder:
     def _take(self, done: EncodedBatch) -> None:
         if done.error is not None:
             raise EncoderFailedError(f"encoding {len(done.batch.items)} items failed: {done.error!r}") from done.error
-        for mm_hash, rows in done.embeddings.items():
-            self.encoder_outputs[mm_hash] = rows
-            self.encoder_cache.mark_ready(mm_hash)
-        for request_id in done.batch.request_ids:
-            request = self.requests.get(request_id)
-            if request is not None:
-                request.encoder_end_time = done.end_time
+        store_embeddings(done.embeddings, self.encoder_outputs, self.encoder_cache)
+        stamp_requests(self.requests, done.batch.request_ids, "encoder_end_time", done.end_time)

@@ -24,6 +24,7 @@ from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.engine.concurrent_encoder import ConcurrentEncoder
+from spaceserve.engine.encoder_batches import stamp_requests, store_embeddings, take_encoder_batch
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.kvcache.encoder_cache import EncoderCache
@@ -53,7 +54,8 @@ class LoopStats:
     lm_host_s: float = 0.0
     lm_wait_s: float = 0.0
     encoder_inline_s: float = 0.0
-    """time: host time of the encoder batches run inside steps (launch + the wait for them); not in lm_host_s."""
+    """time: host time launching the encoder batches run inside steps (not in lm_host_s; their device time is
+    waited for in the LM step that follows)."""
 
 
 @dataclass
@@ -184,8 +186,9 @@ class LLMEngine:
         if concurrent is None:
             encoder_start = time.monotonic()
             encoded = self._run_encoder()
-            self.loop_stats.encoder_inline_s += time.monotonic() - encoder_start
-            step_start += time.monotonic() - encoder_start
+            encoder_s = time.monotonic() - encoder_start
+            self.loop_stats.encoder_inline_s += encoder_s
+            step_start += encoder_s  # kept out of lm_host_s
         else:
             encoded = concurrent.collect()
         scheduled = self.scheduler.schedule()
@@ -276,26 +279,16 @@ class LLMEngine:
         return failed
 
     def _run_encoder(self) -> bool:
-        batch = self.encoder_scheduler.schedule()
-        for mm_hash in self.encoder_scheduler.pop_evicted():
-            self.encoder_outputs.pop(mm_hash, None)
+        batch = take_encoder_batch(self.encoder_scheduler, self.encoder_outputs, self.scheduler.requests)
         if batch is None:
             return False
-        now = time.monotonic()
-        for request_id in batch.request_ids:
-            request = self.scheduler.requests.get(request_id)
-            if request is not None:
-                request.encoder_scheduled_time = now
-        embeddings = self.encoder_runner.execute(batch)
-        for mm_hash, rows in embeddings.items():
-            self.encoder_outputs[mm_hash] = rows
-            self.encoder_cache.mark_ready(mm_hash)
+        store_embeddings(self.encoder_runner.execute(batch), self.encoder_outputs, self.encoder_cache)
         if self.device.type == "cuda":
             finished = torch.cuda.Event(enable_timing=True)
             finished.record(torch.cuda.current_stream(self.device))
             self._encoder_end_events.append((finished, batch.request_ids))
         else:
-            self._stamp_encoder_end(batch.request_ids, time.monotonic())
+            stamp_requests(self.scheduler.requests, batch.request_ids, "encoder_end_time", time.monotonic())
         return True
 
     def _resolve_encoder_end_times(self) -> None:
@@ -308,14 +301,9 @@ class LLMEngine:
         marker.synchronize()
         now = time.monotonic()
         for finished, request_ids in self._encoder_end_events:
-            self._stamp_encoder_end(request_ids, now - finished.elapsed_time(marker) / 1e3)
+            end_time = now - finished.elapsed_time(marker) / 1e3
+            stamp_requests(self.scheduler.requests, request_ids, "encoder_end_time", end_time)
         self._encoder_end_events.clear()
-
-    def _stamp_encoder_end(self, request_ids: frozenset[str], end_time: float) -> None:
-        for request_id in request_ids:
-            request = self.scheduler.requests.get(request_id)
-            if request is not None:
-                request.encoder_end_time = end_time
 
     def _forget(self, request: Request) -> None:
         self.output_processor.remove_request(request.request_id)

@@ -38,6 +38,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int = 4096
+    async_scheduling: bool = True
+    """Schedule and launch step N+1 while step N runs (sampled ids fed to the next step on the device); outputs
+    are identical either way."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 1:

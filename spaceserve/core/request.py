@@ -67,6 +67,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # tokens sampled by launched steps whose ids have not reached the host yet (overlapped scheduling); the
+        # scheduler counts them as known, the runner feeds them from the device
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -95,6 +98,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Known tokens plus those sampled on the device and not yet collected."""
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def is_finished(self) -> bool:

@@ -36,6 +36,7 @@ class EngineArgs:
     max_model_len: int | None = None
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
+    async_scheduling: bool = True
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
@@ -104,6 +105,7 @@ class EngineArgs:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_num_seqs=self.max_num_seqs,
                 max_model_len=max_model_len,
+                async_scheduling=self.async_scheduling,
             ),
             video=VideoConfig(
                 max_duration_s=self.max_video_duration_s,
@@ -133,6 +135,12 @@ class EngineArgs:
         parser.add_argument("--max-model-len", type=int, default=None)
         parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
         parser.add_argument("--max-num-seqs", type=int, default=256)
+        parser.add_argument(
+            "--async-scheduling",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="schedule step N+1 while step N runs on the device (outputs are identical either way)",
+        )
         parser.add_argument("--block-size", type=int, default=16)
         parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
         parser.add_argument("--num-gpu-blocks-override", type=int, default=None)

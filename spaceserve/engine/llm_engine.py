@@ -32,6 +32,7 @@ from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.multiplex import resolve_layout
+from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.runtime.runner_setup import build_model_runner
 from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage, build_decoder_pool
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
@@ -56,6 +57,20 @@ class LoopStats:
     encoder_inline_s: float = 0.0
     """time: host time launching the encoder batches run inside steps (not in lm_host_s; their device time is
     waited for in the LM step that follows)."""
+    lm_gpu_s: float = 0.0
+    """GPU time of LM steps (CUDA events around each step's work on its stream; 0 off CUDA)."""
+    lm_gpu_gap_s: float = 0.0
+    """GPU time with no LM step queued between consecutive LM steps while requests ran (host overhead the GPU
+    waited for); an encoder batch run inline between them (time mode) is not counted as a gap."""
+
+
+@dataclass(frozen=True)
+class _LaunchedStep:
+    scheduled: SchedulerOutput
+    handle: StepHandle
+    gap_start: torch.cuda.Event | None
+    """The previous LM step's end event, when the GPU had one just before this step (for lm_gpu_gap_s)."""
+    inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None
 
 
 @dataclass
@@ -104,6 +119,10 @@ class LLMEngine:
                 self.scheduler.requests,
             )
         self.loop_stats = LoopStats()
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
+        self._last_lm_end: torch.cuda.Event | None = None
+        self._inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
         self.input_processor = InputProcessor(config, self.tokenizer)
         # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
@@ -180,6 +199,9 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Advance every request by one LM step. With async scheduling the step is launched before the previous
+        one is collected, so the host schedules and prepares step N+1 while the device runs step N; the outputs
+        returned are those of the step collected here."""
         step_start = time.monotonic()
         failed = self._admit_decoded()
         concurrent = self.concurrent_encoder
@@ -193,23 +215,55 @@ class LLMEngine:
             encoded = concurrent.collect()
         scheduled = self.scheduler.schedule()
         if concurrent is not None:
-            concurrent.dispatch(lm_idle=scheduled.is_empty, num_running=self.scheduler.num_running)
-        if scheduled.is_empty:
-            self._wait_for_work(encoded)
+            concurrent.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None,
+                                num_running=self.scheduler.num_running)
+        launched = self._launch(scheduled) if not scheduled.is_empty else None
+        to_collect = launched
+        if self.async_scheduling:
+            to_collect, self._in_flight = self._in_flight, launched
+        if to_collect is None:
+            if launched is None:
+                self._last_lm_end = None
+                self._wait_for_work(encoded)
             return failed
+        launch_done = time.monotonic()
+        runner_output = self.model_runner.collect(to_collect.handle)
+        collected = time.monotonic()
+        self._resolve_encoder_end_times()
+        self._account_gpu_time(to_collect)
+        outputs = self._process_step_output(to_collect.scheduled, runner_output)
+        stats = self.loop_stats
+        stats.lm_steps += 1
+        stats.lm_wait_s += collected - launch_done
+        stats.lm_host_s += (launch_done - step_start) + (time.monotonic() - collected)
+        return failed + outputs
+
+    def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
+        concurrent = self.concurrent_encoder
         if concurrent is not None and (stream := concurrent.lm_stream()) is not None:
             self.model_runner.use_stream(stream)
         handle = self.model_runner.launch(scheduled, self.encoder_outputs)
-        launched = time.monotonic()
-        runner_output = self.model_runner.collect(handle)
-        collected = time.monotonic()
-        self._resolve_encoder_end_times()
-        outputs = self._process_step_output(scheduled, runner_output)
+        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, self._inline_encoder_span)
+        self._inline_encoder_span = None
+        if handle.gpu_span is not None:
+            self._last_lm_end = handle.gpu_span[1]
+        return launched
+
+    def _account_gpu_time(self, step: _LaunchedStep) -> None:
+        """Add a collected step's GPU time and the idle gap before it (its events have completed)."""
+        span = step.handle.gpu_span
+        if span is None:
+            return
         stats = self.loop_stats
-        stats.lm_steps += 1
-        stats.lm_wait_s += collected - launched
-        stats.lm_host_s += (launched - step_start) + (time.monotonic() - collected)
-        return failed + outputs
+        stats.lm_gpu_s += span[0].elapsed_time(span[1]) / 1e3
+        if step.gap_start is not None:
+            gap = step.gap_start.elapsed_time(span[0]) / 1e3
+            if step.inline_encoder_span is not None:
+                gap -= step.inline_encoder_span[0].elapsed_time(step.inline_encoder_span[1]) / 1e3
+            stats.lm_gpu_gap_s += max(gap, 0.0)
+
+    def has_step_in_flight(self) -> bool:
+        return self._in_flight is not None
 
     def _process_step_output(self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         updated = self.scheduler.update_from_output(scheduled, runner_output)
@@ -282,11 +336,19 @@ class LLMEngine:
         batch = take_encoder_batch(self.encoder_scheduler, self.encoder_outputs, self.scheduler.requests)
         if batch is None:
             return False
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(torch.cuda.current_stream(self.device))
         store_embeddings(self.encoder_runner.execute(batch), self.encoder_outputs, self.encoder_cache)
-        if self.device.type == "cuda":
+        if on_cuda:
             finished = torch.cuda.Event(enable_timing=True)
             finished.record(torch.cuda.current_stream(self.device))
             self._encoder_end_events.append((finished, batch.request_ids))
+            if self._inline_encoder_span is None:
+                self._inline_encoder_span = (started, finished)
+            else:
+                self._inline_encoder_span = (self._inline_encoder_span[0], finished)
         else:
             stamp_requests(self.scheduler.requests, batch.request_ids, "encoder_end_time", time.monotonic())
         return True

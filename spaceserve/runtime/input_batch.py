@@ -7,10 +7,15 @@ i + mrope_position_delta on all three axes; prompt tokens take the request's pre
 
 Decode steps that replay a CUDA graph of size G are padded to G rows: token 0, position 0, slot -1 (not
 written), seq_len 0, block row 0, query_start_loc continuing by one per row.
+
+With overlapped scheduling a decode row's input token may still be on the device (sampled by the step launched
+just before, not collected yet): such a row is staged as 0 and listed in `placeholder_rows`, with the index of its
+token in that step's sampled ids in `placeholder_sources`; the runner copies them over on the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +55,9 @@ class ModelInputs:
     num_tokens: int
     padded_size: int | None
     """The CUDA-graph size this step is padded to, None when it runs eagerly."""
+    placeholder_rows: torch.Tensor | None = None
+    """[P] int64 rows of input_ids whose token is sampled_ids[placeholder_sources] of the previous step."""
+    placeholder_sources: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,7 +93,7 @@ class InputBatch:
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._requests: dict[str, _CachedRequest] = {}
         self._generators: dict[str, torch.Generator] = {}
-        largest = self._fields(max_num_tokens, max_num_seqs, max_num_seqs, self.max_banned_ids)
+        largest = self._fields(max_num_tokens, max_num_seqs, max_num_seqs, self.max_banned_ids, max_num_seqs)
         self.staging = StagingBuffer(sum(-(-f.nbytes // 64) * 64 for f in largest), device)
 
     # ---- request state -----------------------------------------------------------------------------------
@@ -151,7 +159,9 @@ class InputBatch:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def _fields(self, num_tokens: int, num_seqs: int, num_sampled: int, num_banned: int) -> list[Field]:
+    def _fields(
+        self, num_tokens: int, num_seqs: int, num_sampled: int, num_banned: int, num_placeholders: int = 0
+    ) -> list[Field]:
         # the graph-read fields come first: their offsets depend only on (num_tokens, num_seqs)
         return [
             Field("input_ids", torch.int64, (num_tokens,)),
@@ -165,10 +175,19 @@ class InputBatch:
             Field("top_k", torch.int64, (num_sampled,)),
             Field("top_p", torch.float32, (num_sampled,)),
             Field("banned_flat_ids", torch.int64, (num_banned,)),
+            Field("placeholder_rows", torch.int64, (num_placeholders,)),
+            Field("placeholder_sources", torch.int64, (num_placeholders,)),
         ]
 
-    def prepare(self, scheduled: SchedulerOutput, pad_to: int | None = None) -> ModelInputs:
-        """Fill and send this step's inputs. `pad_to` pads a step of single-token rows to a CUDA-graph size."""
+    def prepare(
+        self,
+        scheduled: SchedulerOutput,
+        pad_to: int | None = None,
+        previous_sampled_rows: Mapping[str, int] | None = None,
+    ) -> ModelInputs:
+        """Fill and send this step's inputs. `pad_to` pads a step of single-token rows to a CUDA-graph size.
+        `previous_sampled_rows`: request id -> row of the previous step's sampled ids, for rows whose input token
+        has not reached the host yet."""
         for request_id in scheduled.preempted_request_ids:
             self.forget_blocks(request_id)
         seqs = scheduled.sequences
@@ -185,6 +204,8 @@ class InputBatch:
         prompt_spans: list[tuple[int, int, int, _CachedRequest]] = []
         image_seqs: list[int] = []
         sampled: list[int] = []
+        placeholder_rows: list[int] = []
+        placeholder_sources: list[int] = []
         for i, seq in enumerate(seqs):
             request = seq.request
             start, count = seq.num_computed_tokens, seq.num_scheduled_tokens
@@ -192,9 +213,15 @@ class InputBatch:
             if end > len(seq.block_ids) * self.block_size:
                 raise ValueError(f"request {request.request_id!r} runs to token {end} but holds too few KV blocks")
             cached = self._cached(seq, in_step)
-            if count == 1:
+            if count == 1 and start >= request.num_tokens:
+                placeholder_rows.append(len(token_ids))
+                placeholder_sources.append(self._placeholder_source(request.request_id, previous_sampled_rows))
+                token_ids.append(0)
+            elif count == 1:
                 token_ids.append(request.all_token_ids[start])
             else:
+                if end > request.num_tokens:
+                    raise ValueError(f"request {request.request_id!r}: a chunk of {count} tokens runs past its known tokens")
                 token_ids.extend(request.all_token_ids[start:end])
             starts.append(start)
             counts.append(count)
@@ -216,7 +243,10 @@ class InputBatch:
         if pad_to is None:
             padded_seqs = num_seqs
         banned = self._banned_ids(seqs, sampled)
-        step = self.staging.begin(self._fields(padded_tokens, padded_seqs, len(sampled), len(banned)))
+        num_placeholders = len(placeholder_rows)
+        step = self.staging.begin(
+            self._fields(padded_tokens, padded_seqs, len(sampled), len(banned), num_placeholders)
+        )
         host = step.host
 
         counts_np = np.asarray(counts, dtype=np.int64)
@@ -257,6 +287,8 @@ class InputBatch:
         host["logits_indices"][:] = query_start[sampled_np + 1] - 1
         all_greedy, needs_top_k_top_p, generators = self._fill_sampling(host, seqs, sampled)
         host["banned_flat_ids"][:] = banned
+        host["placeholder_rows"][:] = placeholder_rows
+        host["placeholder_sources"][:] = placeholder_sources
 
         device = step.copy()
         pad = padded_seqs - num_seqs
@@ -287,14 +319,27 @@ class InputBatch:
             image_splices=self._image_splices(seqs, image_seqs, query_start),
             num_tokens=num_tokens,
             padded_size=pad_to,
+            placeholder_rows=device["placeholder_rows"] if num_placeholders else None,
+            placeholder_sources=device["placeholder_sources"] if num_placeholders else None,
         )
+
+    @staticmethod
+    def _placeholder_source(request_id: str, previous_sampled_rows: Mapping[str, int] | None) -> int:
+        row = None if previous_sampled_rows is None else previous_sampled_rows.get(request_id)
+        if row is None:
+            raise RuntimeError(
+                f"request {request_id!r} decodes a token the previous step did not sample (overlapped scheduling "
+                "out of step with the runner)"
+            )
+        return row
 
     def _banned_ids(self, seqs: tuple[ScheduledSequence, ...], sampled: list[int]) -> list[int]:
         banned: list[int] = []
         for row, i in enumerate(sampled):
             request = seqs[i].request
             params = request.sampling_params
-            if request.num_output_tokens < params.min_tokens:
+            # outputs before the token this row samples (in-flight tokens included)
+            if seqs[i].end - request.num_prompt_tokens < params.min_tokens:
                 eos = () if params.ignore_eos else request.eos_token_ids
                 offset = row * self.vocab_size
                 banned.extend(offset + t for t in (*eos, *params.stop_token_ids) if 0 <= t < self.vocab_size)

@@ -6,6 +6,9 @@ Stable interface (the engine and the benchmarks time it):
 - `launch(scheduled, encoder_outputs) -> StepHandle`: enqueue everything on the runner's stream; no host sync.
 - `collect(handle) -> ModelRunnerOutput`: wait for that step's sampled ids (the step's one device->host sync).
 - `execute(scheduled, encoder_outputs)` = `collect(launch(...))`.
+Steps may be launched before the previous one is collected (overlapped scheduling): a decode row whose input is
+the token the previous launch sampled reads it from that launch's device tensor, so the token never makes a round
+trip through the host before the next step starts.
 All work runs on `stream`, graphs included, so a runner on a partition's stream keeps its whole step on that
 partition. Default: the current stream, unless that is the legacy default stream, on which CUDA cannot capture
 graphs; then a stream of the runner's own. Each launch first waits for work queued on the caller's stream
@@ -40,6 +43,8 @@ class StepHandle:
     sampled_ids: torch.Tensor | None
     done: torch.cuda.Event | None
     graphed: bool
+    gpu_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+    """Timing events recorded before and after the step's work on its stream (CUDA only)."""
 
 
 class ModelRunner:
@@ -78,10 +83,14 @@ class ModelRunner:
         ]
         self._sampled_done = [torch.cuda.Event() if pin else None for _ in range(_NUM_OUTPUT_BUFFERS)]
         self._next_output = 0
+        # the last launch's sampled ids, still on the device, and each request's row in them
+        self._previous_tokens: torch.Tensor | None = None
+        self._previous_rows: dict[str, int] = {}
         self.cuda_graphs: DecodeCUDAGraphs | None = None
         self._graphs_by_stream: dict[torch.cuda.Stream, DecodeCUDAGraphs] = {}
         self.num_graphed_steps = 0
         self.num_eager_steps = 0
+        self.num_placeholder_tokens_fed = 0
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -128,10 +137,17 @@ class ModelRunner:
                 self.input_batch.forget_blocks(request_id)
             return StepHandle((), None, None, graphed=False)
         with self._on_stream():
+            span = _timing_events() if self.device.type == "cuda" else None
+            if span is not None:
+                span[0].record()
             padded = None
             if self.cuda_graphs is not None and is_graphable(scheduled):
                 padded = self.cuda_graphs.padded_size(len(scheduled.sequences))
-            inputs = self.input_batch.prepare(scheduled, pad_to=padded)
+            inputs = self.input_batch.prepare(scheduled, pad_to=padded, previous_sampled_rows=self._previous_rows)
+            if inputs.placeholder_rows is not None:
+                fed = self._previous_tokens.index_select(0, inputs.placeholder_sources)
+                inputs.input_ids.index_copy_(0, inputs.placeholder_rows, fed)
+                self.num_placeholder_tokens_fed += fed.shape[0]
             if padded is not None:
                 logits = self.cuda_graphs.replay(padded)[: len(inputs.sampled_request_ids)]
                 self.num_graphed_steps += 1
@@ -139,8 +155,12 @@ class ModelRunner:
                 logits = self._eager_logits(inputs, encoder_outputs)
                 self.num_eager_steps += 1
             if not inputs.sampled_request_ids:
-                return StepHandle((), None, None, graphed=False)
+                if span is not None:
+                    span[1].record()
+                return StepHandle((), None, None, graphed=False, gpu_span=span)
             tokens = sample_on_device(logits, inputs.sampling)
+            self._previous_tokens = tokens
+            self._previous_rows = {request_id: row for row, request_id in enumerate(inputs.sampled_request_ids)}
             index = self._next_output
             self._next_output = (index + 1) % _NUM_OUTPUT_BUFFERS
             done = self._sampled_done[index]
@@ -150,7 +170,9 @@ class ModelRunner:
             host.copy_(tokens, non_blocking=True)
             if done is not None:
                 done.record()
-        return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None)
+            if span is not None:
+                span[1].record()
+        return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None, gpu_span=span)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         if handle.sampled_ids is None:
@@ -229,6 +251,10 @@ class ModelRunner:
         with self._on_stream():
             inputs = self.input_batch.prepare(SchedulerOutput(()), pad_to=size)
             self._decode_logits(inputs)
+
+
+def _timing_events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
 def _runner_stream(device: torch.device) -> torch.cuda.Stream:

@@ -1,6 +1,13 @@
 """The language-model scheduler: continuous batching with chunked prefill under a token budget, prefix-cache hits,
 preemption by recompute when KV blocks run out, and prefill that stops just before an image whose embeddings are
-not ready yet. The encoder has its own scheduler; this one only asks it for work and checks readiness."""
+not ready yet. The encoder has its own scheduler; this one only asks it for work and checks readiness.
+
+Scheduling may run one step ahead of the results (overlapped scheduling): `schedule` advances each request's
+`num_computed_tokens` at once and counts the token a sampling step will produce as a placeholder, so the next step
+can be scheduled while this one runs; the runner feeds placeholders from the device. `update_from_output` then
+appends the real tokens. A request is not scheduled past what its in-flight tokens can reach (max_tokens,
+max_model_len), and a token sampled for a request that has finished meanwhile (EOS, a stop string, an abort) is
+dropped, so outputs end at exactly the token they end at without overlap."""
 
 from __future__ import annotations
 
@@ -84,7 +91,10 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             start = request.num_computed_tokens
-            num_new = self._limit_to_ready_images(request, start, min(request.num_tokens - start, budget))
+            num_new = 0
+            if not self._inflight_tokens_finish(request):
+                num_new = min(request.num_tokens_with_placeholders - start, budget)
+                num_new = self._limit_to_ready_images(request, start, num_new)
             if num_new <= 0:
                 index += 1
                 continue
@@ -102,7 +112,20 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
+        for seq in scheduled:
+            seq.request.num_computed_tokens = seq.end
+            if seq.samples:
+                seq.request.num_output_placeholders += 1
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _inflight_tokens_finish(self, request: Request) -> bool:
+        """The tokens already being sampled reach max_tokens or max_model_len: nothing more to schedule."""
+        if not request.num_output_placeholders:
+            return False
+        if request.num_tokens_with_placeholders >= self.config.max_model_len:
+            return True
+        max_tokens = request.sampling_params.max_tokens
+        return max_tokens is not None and request.num_output_tokens + request.num_output_placeholders >= max_tokens
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         blocked_on_images: list[Request] = []
@@ -136,7 +159,8 @@ class Scheduler:
 
     def _scheduled(self, request: Request, start: int, num_new: int) -> ScheduledSequence:
         block_ids = self.kv_manager.block_ids(request.request_id)
-        return ScheduledSequence(request, start, num_new, block_ids, samples=start + num_new == request.num_tokens)
+        samples = start + num_new == request.num_tokens_with_placeholders
+        return ScheduledSequence(request, start, num_new, block_ids, samples=samples)
 
     def _preempt(self, request: Request) -> None:
         self.kv_manager.free(request)
@@ -149,29 +173,34 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------------------
 
     def update_from_output(self, scheduled: SchedulerOutput, output: ModelRunnerOutput) -> list[Request]:
-        """Advance every scheduled request; returns those that got a token (finished ones included)."""
+        """Take a finished step's results; returns the requests that got a token (finished ones included).
+
+        A request preempted after this step was launched still gets its token (the step ran on its old blocks);
+        one that finished or was aborted meanwhile gets nothing."""
         updated = []
         for seq in scheduled.sequences:
             request = seq.request
             if request.is_finished:
                 continue
-            request.num_computed_tokens = seq.end
-            self.kv_manager.cache_blocks(request, seq.end)
-            self._release_consumed_images(request)
+            if seq.samples:
+                request.num_output_placeholders -= 1
+            if request.status == RequestStatus.RUNNING:
+                self.kv_manager.cache_blocks(request, seq.end)
+            self._release_consumed_images(request, seq.end)
             token = output.sampled_token_ids.get(request.request_id)
             if token is None:
                 continue
             request.append_output_token(token)
             status = check_stop(request, self.config.max_model_len)
             if status is not None:
-                self.running.remove(request)
+                (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
                 self._finish(request, status)
             updated.append(request)
         return updated
 
-    def _release_consumed_images(self, request: Request) -> None:
+    def _release_consumed_images(self, request: Request, computed: int) -> None:
         for feature in request.mm_features:
-            if feature.placeholder.end <= request.num_computed_tokens:
+            if feature.placeholder.end <= computed:
                 self.encoder_cache.release(feature.mm_hash, request.request_id)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

@@ -65,11 +65,11 @@ def main() -> None:
                 step = decode_step(engine, batch, context, rng)
                 try:
                     for _ in range(3):
-                        run_step(runner, step.scheduled, engine.encoder_outputs)
+                        run_step(runner, step.scheduled, engine.encoder_stage.embeddings)
                     torch.cuda.synchronize()
                     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                         for _ in range(args.steps):
-                            run_step(runner, step.scheduled, engine.encoder_outputs)
+                            run_step(runner, step.scheduled, engine.encoder_stage.embeddings)
                         torch.cuda.synchronize()
                 finally:
                     step.release(engine)

@@ -1,10 +1,10 @@
 """The engine: owns the schedulers, caches and runners, and advances every request by one step at a time.
 
-`time` multiplexing (vLLM v1's behaviour, the baseline): each step first runs one encoder batch on the whole
-device, then the language-model step. `streams` and `space` run the encoder concurrently in a worker
-(concurrent_encoder.py) that the step feeds and collects from; the LM step itself is the same in every mode. The
-encoder side (EncoderScheduler -> EncoderRunner -> encoder cache with a ready flag per image) is separate from
-the LM side, and the LM scheduler prefills a request only up to its first image that is not ready.
+`time` multiplexing (vLLM v1's behaviour, the baseline): each step first runs one encoder batch on the LM's stream,
+then the language-model step. `streams` and `space` run the encoder concurrently in a worker that the step feeds
+and collects from. Either way the encoder side has one owner, the EncoderStage (queue, cache accounting,
+embeddings, worker, SM split, timing); the LM scheduler prefills a request only up to its first image that is not
+ready. With async scheduling the LM step N+1 is launched before step N is collected.
 """
 
 from __future__ import annotations
@@ -23,19 +23,15 @@ from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from spaceserve.engine.concurrent_encoder import ConcurrentEncoder
-from spaceserve.engine.encoder_batches import stamp_requests, store_embeddings, take_encoder_batch
+from spaceserve.engine.encoder_stage import EncoderStage
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
-from spaceserve.kvcache.encoder_cache import EncoderCache
 from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
-from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.runtime.runner_setup import build_model_runner
 from spaceserve.multimodal.video.stage import DecodedVideo, VideoDecodeStage, build_decoder_pool
-from spaceserve.sched.encoder_scheduler import EncoderScheduler
 from spaceserve.sched.scheduler import Scheduler
 from spaceserve.tokenizer import load_tokenizer
 
@@ -100,29 +96,15 @@ class LLMEngine:
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
 
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.encoder_cache = EncoderCache(config.encoder.cache_tokens)
-        self.encoder_scheduler = EncoderScheduler(config.encoder, self.encoder_cache)
+        self.encoder_stage = EncoderStage(config.encoder, self.model, self.device, self.layout)
+        self.encoder_cache = self.encoder_stage.cache
+        self.encoder_scheduler = self.encoder_stage.scheduler
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_cache, self.encoder_scheduler)
-        self.encoder_runner = EncoderRunner(self.model, self.device)
-        self.encoder_outputs: dict[str, torch.Tensor] = {}
-        # CUDA events recorded after encoder batches, resolved to encoder_end_time once the step has synced
-        self._encoder_end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []
-        self.concurrent_encoder: ConcurrentEncoder | None = None
-        if self.layout.concurrent:
-            self.concurrent_encoder = ConcurrentEncoder(
-                self.layout,
-                self.encoder_runner,
-                self.device,
-                self.encoder_scheduler,
-                self.encoder_cache,
-                self.encoder_outputs,
-                self.scheduler.requests,
-            )
+        self.encoder_stage.bind_requests(self.scheduler.requests)
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
         self._last_lm_end: torch.cuda.Event | None = None
-        self._inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
         self.input_processor = InputProcessor(config, self.tokenizer)
         # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
@@ -204,19 +186,17 @@ class LLMEngine:
         returned are those of the step collected here."""
         step_start = time.monotonic()
         failed = self._admit_decoded()
-        concurrent = self.concurrent_encoder
-        if concurrent is None:
+        stage = self.encoder_stage
+        if stage.concurrent:
+            encoded = stage.collect()
+        else:
             encoder_start = time.monotonic()
-            encoded = self._run_encoder()
+            encoded = stage.run_inline(self.model_runner.stream)
             encoder_s = time.monotonic() - encoder_start
             self.loop_stats.encoder_inline_s += encoder_s
             step_start += encoder_s  # kept out of lm_host_s
-        else:
-            encoded = concurrent.collect()
         scheduled = self.scheduler.schedule()
-        if concurrent is not None:
-            concurrent.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None,
-                                num_running=self.scheduler.num_running)
+        stage.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None, num_running=self.scheduler.num_running)
         launched = self._launch(scheduled) if not scheduled.is_empty else None
         to_collect = launched
         if self.async_scheduling:
@@ -229,7 +209,7 @@ class LLMEngine:
         launch_done = time.monotonic()
         runner_output = self.model_runner.collect(to_collect.handle)
         collected = time.monotonic()
-        self._resolve_encoder_end_times()
+        stage.resolve_end_times()
         self._account_gpu_time(to_collect)
         outputs = self._process_step_output(to_collect.scheduled, runner_output)
         stats = self.loop_stats
@@ -239,12 +219,11 @@ class LLMEngine:
         return failed + outputs
 
     def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
-        concurrent = self.concurrent_encoder
-        if concurrent is not None and (stream := concurrent.lm_stream()) is not None:
+        stage = self.encoder_stage
+        if (stream := stage.lm_stream()) is not None:
             self.model_runner.use_stream(stream)
-        handle = self.model_runner.launch(scheduled, self.encoder_outputs)
-        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, self._inline_encoder_span)
-        self._inline_encoder_span = None
+        handle = self.model_runner.launch(scheduled, stage.embeddings)
+        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span())
         if handle.gpu_span is not None:
             self._last_lm_end = handle.gpu_span[1]
         return launched
@@ -284,9 +263,9 @@ class LLMEngine:
 
     def _wait_for_work(self, encoded: bool) -> None:
         """Nothing for the LM this step: wait briefly for the work in flight elsewhere, or report a stall."""
-        self._resolve_encoder_end_times()
-        if self.concurrent_encoder is not None and self.concurrent_encoder.busy:
-            self.concurrent_encoder.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
+        self.encoder_stage.resolve_end_times()
+        if self.encoder_stage.busy:
+            self.encoder_stage.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
             return
         if self._decoding and not encoded and not self.encoder_scheduler.has_work:
             # nothing else to run: wait a moment for a decode rather than spin (new work is picked up next step)
@@ -332,49 +311,13 @@ class LLMEngine:
             self.output_processor.add_request(request)
         return failed
 
-    def _run_encoder(self) -> bool:
-        batch = take_encoder_batch(self.encoder_scheduler, self.encoder_outputs, self.scheduler.requests)
-        if batch is None:
-            return False
-        on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            started = torch.cuda.Event(enable_timing=True)
-            started.record(torch.cuda.current_stream(self.device))
-        store_embeddings(self.encoder_runner.execute(batch), self.encoder_outputs, self.encoder_cache)
-        if on_cuda:
-            finished = torch.cuda.Event(enable_timing=True)
-            finished.record(torch.cuda.current_stream(self.device))
-            self._encoder_end_events.append((finished, batch.request_ids))
-            if self._inline_encoder_span is None:
-                self._inline_encoder_span = (started, finished)
-            else:
-                self._inline_encoder_span = (self._inline_encoder_span[0], finished)
-        else:
-            stamp_requests(self.scheduler.requests, batch.request_ids, "encoder_end_time", time.monotonic())
-        return True
-
-    def _resolve_encoder_end_times(self) -> None:
-        """Turn the CUDA events recorded after encoder batches into time.monotonic() stamps. Called once the step's
-        own sync has passed them, so the marker below completes at once and timing costs no extra wait."""
-        if not self._encoder_end_events:
-            return
-        marker = torch.cuda.Event(enable_timing=True)
-        marker.record(torch.cuda.current_stream(self.device))
-        marker.synchronize()
-        now = time.monotonic()
-        for finished, request_ids in self._encoder_end_events:
-            end_time = now - finished.elapsed_time(marker) / 1e3
-            stamp_requests(self.scheduler.requests, request_ids, "encoder_end_time", end_time)
-        self._encoder_end_events.clear()
-
     def _forget(self, request: Request) -> None:
         self.output_processor.remove_request(request.request_id)
         self.model_runner.release(request.request_id)
 
     def shutdown(self) -> None:
         """Stop the encoder worker and the video decode stage, and close the decoder sessions. Idempotent."""
-        if self.concurrent_encoder is not None:
-            self.concurrent_encoder.shutdown()
+        self.encoder_stage.shutdown()
         self.video_stage.shutdown()
         if self.video_decoders is not None:
             self.video_decoders.close()
@@ -384,14 +327,7 @@ class LLMEngine:
     def loop_counters(self) -> dict[str, float]:
         """Totals of where both loops spend their time (for benchmarks: the GIL and host work, measured)."""
         counters: dict[str, float] = asdict(self.loop_stats)
-        if self.concurrent_encoder is not None:
-            worker = self.concurrent_encoder.worker.stats
-            counters.update(
-                encoder_batches=worker.num_batches,
-                encoder_launch_s=worker.launch_s,
-                encoder_busy_s=worker.busy_s,
-                encoder_full_device_batches=worker.num_full_device_batches,
-            )
+        counters.update(self.encoder_stage.counters())
         return counters
 
     def check_idle_integrity(self) -> None:
@@ -399,5 +335,5 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RuntimeError("requests are still in flight")
         self.kv_manager.check_integrity()
-        self.encoder_cache.check_integrity()
+        self.encoder_stage.check_integrity()
 

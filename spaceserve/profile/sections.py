@@ -207,15 +207,15 @@ def run_decode(settings: ReportSettings, holder: EngineHolder, section: dict, co
                     row["skipped"] = f"does not fit: {exc}"
                     continue
                 try:
-                    output, row["graphed"] = run_step_graphed(runner, step.scheduled, engine.encoder_outputs)
+                    output, row["graphed"] = run_step_graphed(runner, step.scheduled, engine.encoder_stage.embeddings)
                     check_sampled(output, step, text.vocab_size)
                     stats = time_calls(
-                        lambda: run_step(runner, step.scheduled, engine.encoder_outputs),
+                        lambda: run_step(runner, step.scheduled, engine.encoder_stage.embeddings),
                         device,
                         warmup=settings.decode_warmup,
                         iters=settings.decode_iters,
                     )
-                    host = host_time_per_step(runner, step.scheduled, engine.encoder_outputs, device, settings.cpu_iters)
+                    host = host_time_per_step(runner, step.scheduled, engine.encoder_stage.embeddings, device, settings.cpu_iters)
                 except Exception as exc:  # one shape failing must not hide the others
                     row["error"] = f"{type(exc).__name__}: {exc}"
                     continue
@@ -293,7 +293,7 @@ def run_vision(settings: ReportSettings, holder: EngineHolder, section: dict, co
     for label, sizes in settings.vision_cases:
         grids = [floors.image_grid(h, w, model_config.vision) for h, w in sizes]
         batch = encoder_batch(engine, grids, rng)
-        path, call = "encoder_runner.execute", functools.partial(engine.encoder_runner.execute, batch)
+        path, call = "encoder_runner.execute", functools.partial(engine.encoder_stage.runner.execute, batch)
         with torch.inference_mode():
             stats = time_calls(call, device, warmup=settings.warmup, iters=settings.iters)
         flops = floors.vision_flops(model_config, grids)

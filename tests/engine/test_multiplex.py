@@ -11,7 +11,7 @@ import torch
 
 from spaceserve import SamplingParams
 from spaceserve.core.errors import ConfigError
-from spaceserve.engine.concurrent_encoder import EncoderFailedError
+from spaceserve.engine.encoder_stage import EncoderFailedError
 from spaceserve.runtime.sm_partition import green_context_support
 from tests.llm_factory import make_llm
 
@@ -75,7 +75,7 @@ def test_the_lm_keeps_decoding_while_an_image_is_being_encoded():
     llm = make_llm("tiny-qwen2-vl", max_model_len=512, multiplex="streams", device=DEVICE)
     engine = llm.llm_engine
     release = threading.Event()
-    worker = engine.concurrent_encoder.worker
+    worker = engine.encoder_stage.worker
     execute = worker.runner.execute
 
     def held_execute(batch):
@@ -99,7 +99,7 @@ def test_the_lm_keeps_decoding_while_an_image_is_being_encoded():
         placeholder = image_request.mm_features[0].placeholder
         # its text before the image was prefilled; it waits at the image while the encoder is held
         assert image_request.num_computed_tokens == placeholder.offset
-        assert engine.concurrent_encoder.busy
+        assert engine.encoder_stage.busy
         release.set()
         while engine.has_unfinished_requests():
             finished.update(o.request_id for o in engine.step() if o.finished)
@@ -160,7 +160,7 @@ def test_an_encoder_failure_surfaces_as_an_engine_error():
     def broken(batch):
         raise RuntimeError("device fault")
 
-    engine.concurrent_encoder.worker.runner.execute = broken
+    engine.encoder_stage.worker.runner.execute = broken
     try:
         prompt = {"prompt": PAD, "multi_modal_data": {"image": _image(np.random.default_rng(1))}}
         engine.add_request(prompt, SamplingParams(max_tokens=2))

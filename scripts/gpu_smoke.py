@@ -54,14 +54,14 @@ def main() -> None:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
         "model": args.model,
-        "dtype": str(llm.llm_engine.dtype),
+        "dtype": engine.info["dtype"],
         "requests": args.requests,
         "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
         "build_s": round(build_s, 2),
         "generate_s": round(run_s, 2),
-        "kv_blocks": engine.num_kv_blocks,
+        "kv_blocks": engine.info["num_kv_blocks"],
         "repeat_identical": [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outputs[:4]],
-        "prefix_cache_hits_tokens": engine.kv_manager.prefix_cache_stats.hits,
+        "prefix_cache_hits_tokens": engine.call_utility("engine_counters")["prefix_cache_hit_tokens"],
     }
     print(json.dumps(report, indent=2))
 

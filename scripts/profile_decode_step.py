@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.llm_engine import LLMEngine
+from spaceserve.engine.core import EngineCore
 from spaceserve.profile.synthetic import decode_step, fill_kv_caches_random, run_step
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         cuda_graph_sizes=tuple(sorted(batches)),
         gpu_memory_utilization=0.5,
     )
-    engine = LLMEngine(engine_args.create_engine_config())
+    engine = EngineCore(engine_args.create_engine_config())
     fill_kv_caches_random(engine, seed=7)
     runner = engine.model_runner
     rng = np.random.default_rng(0)

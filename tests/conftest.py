@@ -1,9 +1,14 @@
 """Without CUDA, Triton kernels run under Triton's interpreter on CPU tensors. TRITON_INTERPRET is read when a
-kernel is decorated, so it is set here, before any test module imports spaceserve."""
+kernel is decorated, so it is set here, before any test module imports spaceserve.
+
+Engines in tests run their core in this process by default (their internals are inspected, and a process per
+engine would dominate the suite's time on two cores); tests of the process split ask for multiprocess=True."""
 
 import os
 
 import torch
+
+os.environ.setdefault("SPACESERVE_ENABLE_MULTIPROCESSING", "0")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -124,16 +124,9 @@ class InProcessBackend:
         )
 
     async def engine_counters(self) -> dict[str, float]:
-        def read(engine: Any) -> dict[str, float]:
-            stats = engine.kv_manager.prefix_cache_stats
-            return {
-                "num_preemptions": engine.scheduler.num_preemptions,
-                "prefix_cache_query_tokens": stats.queries,
-                "prefix_cache_hit_tokens": stats.hits,
-                **engine.loop_counters(),  # host time of the LM loop and the encoder worker (GIL pressure)
-            }
-
-        return await self.engine.run_in_engine(read)  # read between steps on the engine thread: exact
+        # preemptions, prefix-cache tokens and the loop counters (host time of the LM loop and the encoder worker),
+        # read between steps in the engine core: exact
+        return await self.engine.call_utility("engine_counters")
 
     async def close(self) -> None:
         result = self.engine.shutdown()

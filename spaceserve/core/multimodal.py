@@ -34,3 +34,13 @@ class MultiModalFeature:
     @property
     def num_tokens(self) -> int:
         return self.placeholder.length
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """An image left for the engine core to preprocess on its device (large images on a GPU): the decoded uint8
+    [H, W, 3] RGB pixels and the (height, width) the processor resizes them to."""
+
+    rgb: Any
+    height: int
+    width: int

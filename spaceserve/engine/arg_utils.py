@@ -66,6 +66,9 @@ class EngineArgs:
     """PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)."""
     video_decode_gpus: str | tuple[int, ...] | None = None
     """GPUs whose decoders take part: "all" or device indices (default: the engine's GPU)."""
+    multiprocess: bool | None = None
+    """Run the engine core in a process of its own (the default); False: in this process (tests, debugging).
+    None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -168,6 +171,13 @@ class EngineArgs:
             default=None,
             help="space: SMs for the encoder, e.g. 48 or 48,96 (a split per count: the smallest while the LM is busy, "
             "the largest while it runs few sequences); rounded to the device's granularity",
+        )
+        parser.add_argument(
+            "--multiprocess",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="run the engine core in a process of its own (default; --no-multiprocess: in this process, for "
+            "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)",
         )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument("--enforce-eager", action="store_true", help="never run the decode step as a CUDA graph")

@@ -1,19 +1,18 @@
-"""AsyncLLM: the engine behind the server, shaped like vLLM's AsyncLLM.
+"""AsyncLLM: the asynchronous front of the engine, behind the server and the benchmark (vLLM's AsyncLLM).
 
-Threads and who touches what:
+Processes and threads:
 
-- The engine thread owns the LLMEngine. It builds it, and every LLMEngine call (add, abort, step, introspection)
-  happens there. When no request is in flight it blocks on the command queue, so an idle server costs nothing.
+- The engine core (schedulers, runners, encoder) runs in a process of its own by default (core_client.py), so the
+  LM loop never shares a GIL with HTTP, tokenization, media, detokenization or the benchmark's client; with
+  multiprocess=False it runs in a thread of this process instead (tests, debugging).
 - Input processing workers (a small thread pool) run `InputProcessor.process`: tokenizing, image decoding and
-  preprocessing. That work is pure (config + tokenizer in, Request out) and slow, so it stays off both the event
-  loop and the engine thread: a big image being decoded never delays the running requests' next step. The engine
-  thread only queues the finished Request (`add_processed_request`), so the LLMEngine stays single-threaded.
-- Callers (any thread, usually an asyncio loop) talk to the engine thread through a thread-safe command queue:
-  add, abort, run-a-function, shutdown. Each request's outputs go to its own asyncio.Queue on the caller's loop
-  through `loop.call_soon_threadsafe`.
-
-Nothing here assumes where the encoder runs: the loop only calls `step()` while requests are unfinished and
-forwards what it returns, so an engine that encodes concurrently inside LLMEngine needs no change here.
+  preprocessing. That work is pure (config + tokenizer in, Request out), so it stays off the event loop.
+- One output thread reads what the core sends: it detokenizes and checks stop strings (OutputProcessor), finishes
+  stop-string requests in the core, and hands each request's outputs to its RequestStream on the caller's event
+  loop (`loop.call_soon_threadsafe`), so callers on any loop (or several) can use one AsyncLLM.
+- A request is registered (its stream, its detokenizer state) before it is sent, under one lock with the output
+  thread, so an output can never arrive for a request nobody waits for, and a caller cancelled while its input is
+  being processed leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,36 +22,32 @@ import gc
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from spaceserve.config import EngineConfig
-from spaceserve.core.errors import InvalidInputError, SpaceServeError
+from spaceserve.core.engine_messages import EngineCoreDead, FinishReason, StepOutputs
+from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.outputs import RequestOutput
-from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.input_processor import PromptType
-from spaceserve.engine.llm_engine import LLMEngine
+from spaceserve.engine.core_client import CoreClient, EngineDeadError, make_core_client
+from spaceserve.engine.input_processor import InputProcessor, PromptType
+from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.engine.stats import EngineStats, StatLogger
+from spaceserve.tokenizer import load_tokenizer
+
+__all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-_EMPTY_STEP_WAIT_S = 0.0005
+_OUTPUT_POLL_S = 0.5
 
-
-class EngineDeadError(SpaceServeError, RuntimeError):
-    """The engine loop stopped (an exception inside the engine, or shutdown); no request can be served."""
-
-
-# ---- commands the engine thread executes, in order --------------------------------------------------------------
 
 class RequestStream:
     """One request's outputs, in the caller's event loop. Iterate it for cumulative RequestOutputs (the last has
@@ -66,7 +61,7 @@ class RequestStream:
         self.finished = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Engine thread side. Raises RuntimeError if the caller's loop is closed."""
+        """Output thread side. Raises RuntimeError if the caller's loop is closed."""
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def __aiter__(self) -> RequestStream:
@@ -92,37 +87,10 @@ class RequestStream:
         """Abort the request unless it already finished; idempotent, callable from anywhere."""
         if not self.finished:
             self.finished = True
-            self._owner._submit_nowait(_Abort([self.request_id], owner=self))
+            self._owner._abort_stream(self)
 
     async def aclose(self) -> None:
         self.close()
-
-
-@dataclass
-class _Add:
-    request: Request
-    sink: RequestStream
-    done: Future
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-    done: Future | None = None
-    owner: RequestStream | None = None
-    """Set when a stream aborts its own request: only a request still delivering to this sink is aborted, so a
-    failed add (say, a duplicate id) never aborts another stream's request of the same id."""
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    done: Future
-
-
-@dataclass
-class _Shutdown:
-    pass
 
 
 class AsyncLLM:
@@ -132,30 +100,31 @@ class AsyncLLM:
         *,
         stat_loggers: list[StatLogger] | None = None,
         num_input_workers: int | None = None,
+        multiprocess: bool | None = None,
     ) -> None:
         self.config = config
         self.stat_loggers = list(stat_loggers or [])
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.tokenizer = load_tokenizer(config.model_dir, config.model_config)
+        # Stateless (config + tokenizer); called from the input workers
+        self.input_processor = InputProcessor(config, self.tokenizer)
+        self._client: CoreClient = make_core_client(config, multiprocess)  # raises the core's start-up error
+        self.info = self._client.info
+        self.execution = self.info["execution"]  # the multiplex mode that runs and its SM split
+        self._outputs = OutputProcessor(self.tokenizer)
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()  # the output processor and the streams: event loops vs the output thread
+        self._stats = EngineStats(num_kv_blocks=self.info["num_kv_blocks"], num_free_kv_blocks=self.info["num_kv_blocks"])
+        self._dead_error: EngineDeadError | None = None
+        self._ids = itertools.count()
         self._input_pool = ThreadPoolExecutor(
             max_workers=num_input_workers or min(4, os.cpu_count() or 1), thread_name_prefix="spaceserve-input"
         )
-        self._sinks: dict[str, RequestStream] = {}  # engine thread only
-        self._stats = EngineStats()
-        self._dead_error: EngineDeadError | None = None
-        self._dead_lock = threading.Lock()  # orders "mark dead" against "submit a command"
-        self._ids = itertools.count()
-
-        built: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(built,), name="spaceserve-engine", daemon=True)
-        self._thread.start()
-        self._engine: LLMEngine = built.result()  # re-raises a construction error here
-        # Stateless (config + tokenizer); safe to call from the input workers while the engine thread steps.
-        self.input_processor = self._engine.input_processor
-        self.tokenizer = self._engine.tokenizer
-        self.execution = self._engine.layout.describe()  # the multiplex mode that runs and its SM split
+        self._output_thread = threading.Thread(target=self._read_outputs, name="spaceserve-outputs", daemon=True)
+        self._output_thread.start()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> AsyncLLM:
+        kwargs.setdefault("multiprocess", engine_args.multiprocess)
         return cls(engine_args.create_engine_config(), **kwargs)
 
     # ---- public API (any thread / event loop) ---------------------------------------------------------------
@@ -170,13 +139,13 @@ class AsyncLLM:
 
     @property
     def stats(self) -> EngineStats:
-        """A snapshot the engine thread publishes after each step; reading it never touches engine state."""
+        """The snapshot the core sent with its latest outputs; reading it never touches engine state."""
         return self._stats
 
     async def add_request(
         self, prompt: PromptType, sampling_params: SamplingParams | None = None, request_id: str | None = None
     ) -> RequestStream:
-        """Process the input on a worker, queue the request, and return its output stream once it is queued.
+        """Process the input on a worker, queue the request, and return its output stream.
 
         Bad input raises InvalidInputError and nothing is queued. Close the stream (or let it finish) when done:
         closing it early aborts the request."""
@@ -185,16 +154,21 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         arrival_time = time.monotonic()
         loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(
-            self._input_pool, self.input_processor.process, request_id, prompt, params
-        )
+        self._check_id_free(request_id)
+        request = await loop.run_in_executor(self._input_pool, self.input_processor.process, request_id, prompt, params)
         request.arrival_time = arrival_time  # processing time counts towards the queue time and the latency
         stream = RequestStream(request_id, loop, self)
-        try:
-            await asyncio.wrap_future(self._submit(_Add(request, stream, Future())))
-        except BaseException:
-            stream.close()  # cancelled while queued: the add may still run, and this abort follows it
-            raise
+        with self._lock:
+            self._raise_if_dead()
+            self._check_id_free(request_id)
+            self._outputs.add_request(request)
+            self._streams[request_id] = stream
+            try:
+                self._client.add_request(request)
+            except BaseException:
+                self._outputs.abort([request_id])
+                del self._streams[request_id]
+                raise
         return stream
 
     async def generate(
@@ -214,184 +188,134 @@ class AsyncLLM:
             stream.close()
 
     async def abort(self, request_id: str | list[str]) -> None:
-        """Abort requests (unknown or finished ids are ignored); returns once their resources are freed. A stream
-        of an aborted request ends with an output whose finish_reason is "abort"."""
+        """Abort requests (unknown or finished ids are ignored). A stream of an aborted request ends with an output
+        whose finish_reason is "abort"; the core frees its resources before it takes any later message."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        await asyncio.wrap_future(self._submit(_Abort(ids, Future())))
+        with self._lock:
+            outputs = self._outputs.abort(ids)
+            self._client.abort_requests(ids)
+            self._deliver(outputs)
 
-    async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run `fn(engine)` on the engine thread between steps (introspection, tests) and return its result."""
-        return await asyncio.wrap_future(self._submit(_Call(fn, Future())))
+    async def call_utility(self, method: str, *args: Any) -> Any:
+        """Call an EngineCore utility (core.UTILITY_METHODS: loop_counters, check_idle_integrity, ...) between
+        steps, wherever the core runs."""
+        self._raise_if_dead()
+        return await asyncio.wrap_future(self._client.call_utility_async(method, *args))
 
-    def call_in_engine(self, fn: Callable[[LLMEngine], T], timeout: float | None = None) -> T:
+    async def run_in_engine(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn(engine_core)` between steps and return its result: an in-process core only (multiprocess=False),
+        since a function cannot cross into another process."""
+        return await asyncio.wrap_future(self._call_in_core(fn))
+
+    def call_in_engine(self, fn: Callable[[Any], T], timeout: float | None = None) -> T:
         """Blocking form of run_in_engine, for callers without an event loop."""
-        return self._submit(_Call(fn, Future())).result(timeout)
+        return self._call_in_core(fn).result(timeout)
+
+    def _call_in_core(self, fn: Callable[[Any], T]) -> Future:
+        self._raise_if_dead()
+        if not hasattr(self._client, "core"):
+            raise RuntimeError("run_in_engine needs an in-process engine core (multiprocess=False); use call_utility")
+        return self._client.call_utility_async(fn)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; streams still open end with EngineDeadError. Safe to call twice."""
-        with self._dead_lock:
-            if self._thread.is_alive():
-                self._commands.put(_Shutdown())
-        self._thread.join(timeout)
+        """Stop the engine core; streams still open end with EngineDeadError. Safe to call twice."""
+        self._client.shutdown()
+        self._output_thread.join(timeout)
+        self._client.close()
         self._input_pool.shutdown(wait=False, cancel_futures=True)
-        if not self._thread.is_alive():
-            self._release_device_memory()
+        self._die(EngineDeadError("the engine was shut down"))
+        self._release_device_memory()
 
     def _release_device_memory(self) -> None:
-        """Drop the stopped engine so its weights, KV cache and graphs go back to the device: a process that starts
+        """Drop an in-process core so its weights, KV cache and graphs go back to the device: a process that starts
         another engine next (a benchmark sweeping modes) must find the memory free when it profiles."""
-        self._engine = None  # type: ignore[assignment]
-        gc.collect()  # the engine's parts reference each other (runner, encoder worker)
-        if torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        if getattr(self._client, "core", None) is not None:
+            self._client.core = None
+            gc.collect()  # the core's parts reference each other (runner, encoder worker)
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
 
-    # ---- submitting commands ----------------------------------------------------------------------------------
+    # ---- helpers --------------------------------------------------------------------------------------------
 
     def _raise_if_dead(self) -> None:
         if self._dead_error is not None:
             raise self._dead_error
 
-    def _submit(self, command: _Add | _Abort | _Call) -> Future:
-        with self._dead_lock:
-            self._raise_if_dead()
-            self._commands.put(command)
-        return command.done
+    def _check_id_free(self, request_id: str) -> None:
+        if request_id in self._outputs:
+            raise InvalidInputError(f"request id {request_id!r} is already in use")
 
-    def _submit_nowait(self, command: _Abort) -> None:
-        with self._dead_lock:
-            if self._dead_error is None:
-                self._commands.put(command)
-
-    # ---- the engine thread ------------------------------------------------------------------------------------
-
-    def _run(self, built: Future) -> None:
-        try:
-            engine = LLMEngine(self.config)
-        except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
-            self._dead_error = EngineDeadError(f"engine failed to start: {exc}")
-            built.set_exception(exc)
-            return
-        built.set_result(engine)
-        self._publish_stats(engine)
-        stepped_empty = False
-        try:
-            while True:
-                # Block while idle; otherwise take whatever arrived since the last step and keep stepping. After a
-                # step with nothing to do (work in flight elsewhere: video decoding, a concurrent encoder) wait a
-                # moment for a command instead of spinning on step().
-                commands = []
-                if not engine.has_unfinished_requests():
-                    commands.append(self._commands.get())
-                elif stepped_empty:
-                    try:
-                        commands.append(self._commands.get(timeout=_EMPTY_STEP_WAIT_S))
-                    except queue.Empty:
-                        pass
-                while True:
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-                for command in commands:
-                    if isinstance(command, _Shutdown):
-                        self._die(engine, EngineDeadError("the engine was shut down"))
-                        return
-                    self._execute(engine, command)
-                if engine.has_unfinished_requests():
-                    outputs = engine.step()
-                    stepped_empty = not outputs
-                    self._dispatch(outputs)
-                self._publish_stats(engine)
-        except Exception as exc:  # noqa: BLE001 - any engine failure ends every stream with a clear error
-            logger.exception("engine loop failed")
-            self._die(engine, EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))
-
-    def _execute(self, engine: LLMEngine, command: _Add | _Abort | _Call) -> None:
-        if isinstance(command, _Add):
-            try:
-                engine.add_processed_request(command.request)
-            except InvalidInputError as exc:
-                command.done.set_exception(exc)
+    def _abort_stream(self, stream: RequestStream) -> None:
+        """A stream closed early: abort its request if it still delivers to this stream."""
+        with self._lock:
+            if self._streams.get(stream.request_id) is not stream:
                 return
-            self._sinks[command.request.request_id] = command.sink
-            command.done.set_result(None)
-        elif isinstance(command, _Abort):
-            ids = command.request_ids
-            if command.owner is not None:
-                ids = [i for i in ids if self._sinks.get(i) is command.owner]
-            for output in engine.abort_request(ids):
-                self._deliver(output)
-            if command.done is not None:
-                command.done.set_result(None)
-        else:
-            try:
-                command.done.set_result(command.fn(engine))
-            except Exception as exc:  # noqa: BLE001 - the caller's function failed, not the engine
-                command.done.set_exception(exc)
+            outputs = self._outputs.abort([stream.request_id])
+            if self._dead_error is None:
+                self._client.abort_requests([stream.request_id])
+            self._deliver(outputs)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    # ---- the output thread ----------------------------------------------------------------------------------
+
+    def _read_outputs(self) -> None:
+        while True:
+            try:
+                message = self._client.get_output(_OUTPUT_POLL_S)
+            except Exception as exc:  # noqa: BLE001 - a broken transport is a dead engine
+                logger.exception("reading engine core outputs failed")
+                self._die(EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}"))
+                return
+            if isinstance(message, StepOutputs):
+                self._take_step(message)
+            elif isinstance(message, EngineCoreDead):
+                self._die(EngineDeadError(message.error))
+                return
+
+    def _take_step(self, message: StepOutputs) -> None:
+        if message.outputs.stats is not None:
+            self._stats = message.outputs.stats
+        with self._lock:
+            outputs, stopped = self._outputs.process(message.outputs.outputs)
+            if stopped and self._dead_error is None:
+                self._client.abort_requests(stopped, FinishReason.STOP)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams (the lock is held)."""
         for output in outputs:
-            self._deliver(output)
-
-    def _deliver(self, output: RequestOutput) -> None:
-        sink = self._sinks.pop(output.request_id) if output.finished else self._sinks.get(output.request_id)
-        if output.finished:
-            for stat_logger in self.stat_loggers:
-                try:
-                    stat_logger.record_finished(output)
-                except Exception:  # noqa: BLE001 - metrics must never take the engine down
-                    logger.exception("stat logger failed")
-        if sink is None:
-            return
-        try:
-            sink.put(output)
-        except RuntimeError:  # the caller's event loop is closed: nobody will read this stream again
-            if not output.finished:
-                self._sinks.pop(output.request_id, None)
-                self._commands.put(_Abort([output.request_id]))
-
-    def _publish_stats(self, engine: LLMEngine) -> None:
-        kv = engine.kv_manager
-        self._stats = EngineStats(
-            num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting + engine.num_decoding,
-            num_kv_blocks=kv.num_blocks,
-            num_free_kv_blocks=kv.num_free_blocks,
-            kv_cache_usage=kv.usage,
-            encoder_cache_usage=engine.encoder_cache.usage,
-            num_encoder_queued_items=engine.encoder_scheduler.num_queued_items,
-            num_preemptions=engine.scheduler.num_preemptions,
-            prefix_cache_queries=kv.prefix_cache_stats.queries,
-            prefix_cache_hits=kv.prefix_cache_stats.hits,
-        )
-
-    def _die(self, engine: LLMEngine, error: EngineDeadError) -> None:
-        with self._dead_lock:
-            self._dead_error = error
-            pending = []
-            while True:
-                try:
-                    pending.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-        for command in pending:
-            done = getattr(command, "done", None)
-            if done is not None and not done.done():
-                done.set_exception(error)
-        for sink in self._sinks.values():
+            if output.finished:
+                stream = self._streams.pop(output.request_id, None)
+                self._record_finished(output)
+            else:
+                stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
             try:
-                sink.put(EngineDeadError(str(error)))  # one instance per stream: each raise writes its own traceback
+                stream.put(output)
+            except RuntimeError:  # the caller's event loop is closed: nobody will read this stream again
+                if not output.finished:
+                    self._streams.pop(output.request_id, None)
+                    self._outputs.abort([output.request_id])
+                    self._client.abort_requests([output.request_id])
+
+    def _record_finished(self, output: RequestOutput) -> None:
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record_finished(output)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                logger.exception("stat logger failed")
+
+    def _die(self, error: EngineDeadError) -> None:
+        with self._lock:
+            if self._dead_error is None:
+                self._dead_error = error
+                logger.error("engine stopped: %s", error)
+            self._outputs.fail_all(str(self._dead_error))
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            try:
+                stream.put(EngineDeadError(str(self._dead_error)))  # one instance per stream: its own traceback
             except RuntimeError:
                 pass
-        self._sinks.clear()
-        self._publish_stats_safely(engine)
-        try:
-            engine.shutdown()  # the video decode stage and its decoder sessions
-        except Exception:  # noqa: BLE001 - already stopping; nothing more to do with the error
-            logger.exception("engine shutdown failed")
+        self._stats = EngineStats(num_kv_blocks=self._stats.num_kv_blocks)
 
-    def _publish_stats_safely(self, engine: LLMEngine) -> None:
-        try:
-            self._publish_stats(engine)
-        except Exception:  # noqa: BLE001 - the engine is already broken; keep the last snapshot
-            pass

@@ -16,6 +16,7 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
+from spaceserve.kvcache.encoder_cache import check_fits_encoder_cache
 from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
 from spaceserve.multimodal.image import load_image, preprocess_image
@@ -43,6 +44,8 @@ class InputProcessor:
         images_in = [self._preprocess(image, processor_kwargs, i) for i, image in enumerate(mm_data["image"])]
         videos_in = [self._resolve_video(video, processor_kwargs, i) for i, video in enumerate(mm_data["video"])]
         token_ids, features = self._expand_placeholders(token_ids, images_in, videos_in)
+        for feature in features:
+            check_fits_encoder_cache(feature.num_tokens, self.config.encoder.cache_tokens)
         if len(token_ids) >= self.config.scheduler.max_model_len:
             raise InvalidInputError(
                 f"prompt is {len(token_ids)} tokens (with images and videos expanded), leaving no room to generate "

@@ -18,8 +18,8 @@ from spaceserve.engine.llm_engine import LLMEngine
 class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         """Takes EngineArgs' fields as keywords (load_format, dtype, max_model_len, ...), as vLLM's LLM does."""
-        config = EngineArgs(model=model, **kwargs).create_engine_config()
-        self.llm_engine = LLMEngine(config)
+        engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine(engine_args.create_engine_config(), multiprocess=engine_args.multiprocess)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -1,103 +1,133 @@
-"""Incremental detokenization and stop strings: turns requests that advanced this step into RequestOutputs."""
+"""The front's view of each request: incremental detokenization, stop strings, and the RequestOutputs callers see,
+built from the engine core's per-step token deltas (EngineCoreOutput).
+
+A stop string is found here, in text, after the core produced the token that completes it: the request ends at that
+token and the caller is told to finish it in the core (which may already have sampled a token or two more; they
+are dropped here), so outputs end at exactly the same token wherever the core runs.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from spaceserve.core.engine_messages import EngineCoreOutput, FinishReason
 from spaceserve.core.outputs import CompletionOutput, RequestOutput
 from spaceserve.core.request import Request
+from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.tokenizer.base import Tokenizer
 
 
 @dataclass
-class _TextState:
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    arrival_time: float
     detokenizer: Any
+    output_token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    num_tokens_seen: int = 0
-    stopped_on: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
-
-_TIMESTAMPS = (
-    "video_decode_start_time",
-    "video_decode_end_time",
-    "first_scheduled_time",
-    "encoder_enqueued_time",
-    "encoder_scheduled_time",
-    "encoder_end_time",
-    "first_token_time",
-    "finished_time",
-)
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._states: dict[str, _TextState] = {}
+        self._states: dict[str, RequestState] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._states
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._states)
+
+    def request_ids(self) -> list[str]:
+        return list(self._states)
 
     def add_request(self, request: Request) -> None:
-        skip = request.sampling_params.skip_special_tokens
-        self._states[request.request_id] = _TextState(self.tokenizer.new_detokenizer(skip))
-
-    def remove_request(self, request_id: str) -> None:
-        self._states.pop(request_id, None)
-
-    def update_text(self, requests: list[Request]) -> list[str]:
-        """Detokenize the new tokens; returns the ids of requests that just hit a stop string (the caller
-        finishes them)."""
-        stopped = []
-        for request in requests:
-            state = self._states[request.request_id]
-            self._advance_text(request, state)
-            if request.is_finished and state.stopped_on is None:
-                state.text += state.detokenizer.finish()  # an incomplete trailing character becomes U+FFFD
-            if state.stopped_on is not None and request.stop_reason is None:
-                request.stop_reason = state.stopped_on
-                stopped.append(request.request_id)
-        return stopped
-
-    def make_output(self, request: Request, error: str | None = None) -> RequestOutput:
-        state = self._states.get(request.request_id)
-        completion = CompletionOutput(
-            index=0,
-            text=state.text if state else "",
-            token_ids=list(request.output_token_ids),
-            finish_reason="error" if error is not None else request.status.finish_reason,
-            stop_reason=request.stop_reason,
-        )
-        metrics = {"arrival_time": request.arrival_time}
-        for name in _TIMESTAMPS:
-            value = getattr(request, name)
-            if value is not None:
-                metrics[name] = value
-        return RequestOutput(
+        params = request.sampling_params
+        self._states[request.request_id] = RequestState(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=list(request.prompt_token_ids),
-            outputs=[completion],
-            finished=request.is_finished or error is not None,
-            error=error,
-            metrics=metrics,
+            params=params,
+            eos_token_ids=request.eos_token_ids,
+            arrival_time=request.arrival_time,
+            detokenizer=self.tokenizer.new_detokenizer(params.skip_special_tokens),
         )
 
-    def _advance_text(self, request: Request, state: _TextState) -> None:
-        params = request.sampling_params
-        new_tokens = request.output_token_ids[state.num_tokens_seen :]
-        state.num_tokens_seen = request.num_output_tokens
-        for token in new_tokens:
-            if state.stopped_on is not None:
+    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """(the RequestOutput of every request that advanced, the ids of requests a stop string just ended: the
+        caller finishes them in the core). Outputs of requests already finished here are dropped."""
+        outputs, stopped = [], []
+        for core_output in core_outputs:
+            state = self._states.get(core_output.request_id)
+            if state is None:
+                continue
+            self._advance(state, core_output)
+            state.metrics.update(core_output.timestamps or {})
+            if state.finish_reason is None and core_output.finish_reason is not None:
+                state.finish_reason = core_output.finish_reason.value
+                state.stop_reason = core_output.stop_reason
+                state.error = core_output.error
+                if state.error is None:
+                    state.text += state.detokenizer.finish()  # an incomplete trailing character becomes U+FFFD
+            elif state.finish_reason is not None:  # ended by a stop string in this output
+                stopped.append(state.request_id)
+                state.metrics["finished_time"] = time.monotonic()
+            outputs.append(self._make_output(state))
+            if state.finished:
+                del self._states[state.request_id]
+        return outputs, stopped
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """End requests here (the caller aborts them in the core); one output for each that was unfinished."""
+        outputs = []
+        for request_id in request_ids:
+            state = self._states.pop(request_id, None)
+            if state is not None:
+                state.finish_reason = FinishReason.ABORT.value
+                state.metrics["finished_time"] = time.monotonic()
+                outputs.append(self._make_output(state))
+        return outputs
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """The core died: every unfinished request ends with `error`."""
+        for state in self._states.values():
+            state.finish_reason, state.error = FinishReason.ERROR.value, error
+        outputs = [self._make_output(state) for state in self._states.values()]
+        self._states.clear()
+        return outputs
+
+    def _advance(self, state: RequestState, core_output: EngineCoreOutput) -> None:
+        params = state.params
+        ends_here = core_output.finish_reason is not None
+        for index, token in enumerate(core_output.new_token_ids):
+            if state.finish_reason is not None:
                 return
-            if token in request.eos_token_ids and not params.ignore_eos and request.is_finished:
+            state.output_token_ids.append(token)
+            last = index == len(core_output.new_token_ids) - 1
+            if ends_here and last and token in state.eos_token_ids and not params.ignore_eos:
                 continue  # the EOS that ended the request is not part of the text
             previous_len = len(state.text)
             state.text += state.detokenizer.step(token) or ""
-            if params.stop and request.num_output_tokens >= params.min_tokens:
-                self._check_stop_strings(state, params.stop, params.include_stop_str_in_output, previous_len)
-                if state.stopped_on is not None:
-                    return
+            if params.stop and len(state.output_token_ids) >= params.min_tokens:
+                self._check_stop_strings(state, previous_len)
 
     @staticmethod
-    def _check_stop_strings(state: _TextState, stops: tuple[str, ...], include: bool, previous_len: int) -> None:
+    def _check_stop_strings(state: RequestState, previous_len: int) -> None:
+        stops = state.params.stop
         longest = max(len(s) for s in stops)
         search_from = max(0, previous_len - longest + 1)
         best: tuple[int, str] | None = None
@@ -107,5 +137,24 @@ class OutputProcessor:
                 best = (at, stop)
         if best is not None:
             at, stop = best
-            state.text = state.text[: at + len(stop)] if include else state.text[:at]
-            state.stopped_on = stop
+            state.text = state.text[: at + len(stop)] if state.params.include_stop_str_in_output else state.text[:at]
+            state.finish_reason, state.stop_reason = FinishReason.STOP.value, stop
+
+    @staticmethod
+    def _make_output(state: RequestState) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=state.text,
+            token_ids=list(state.output_token_ids),
+            finish_reason=state.finish_reason,
+            stop_reason=state.stop_reason,
+        )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=[completion],
+            finished=state.finished,
+            error=state.error,
+            metrics={"arrival_time": state.arrival_time, **state.metrics},
+        )

@@ -24,6 +24,15 @@ class EncoderCacheFullError(RuntimeError):
     """`allocate` was called without room; callers check `can_allocate` first."""
 
 
+def check_fits_encoder_cache(num_tokens: int, capacity_tokens: int) -> None:
+    """Raise EncoderCacheTooSmallError if an item of `num_tokens` embedding rows could never be cached."""
+    if num_tokens > capacity_tokens:
+        raise EncoderCacheTooSmallError(
+            f"image needs {num_tokens} encoder tokens but the encoder cache holds {capacity_tokens}; "
+            "raise encoder cache_tokens or lower max_pixels"
+        )
+
+
 @dataclass
 class EncoderCacheEntry:
     mm_hash: str
@@ -62,11 +71,7 @@ class EncoderCache:
         return 1.0 - self._free_tokens / self.capacity_tokens
 
     def check_fits(self, num_tokens: int) -> None:
-        if num_tokens > self.capacity_tokens:
-            raise EncoderCacheTooSmallError(
-                f"image needs {num_tokens} encoder tokens but the encoder cache holds {self.capacity_tokens}; "
-                "raise encoder cache_tokens or lower max_pixels"
-            )
+        check_fits_encoder_cache(num_tokens, self.capacity_tokens)
 
     def contains(self, mm_hash: str) -> bool:
         return mm_hash in self._entries

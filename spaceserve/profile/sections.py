@@ -1,5 +1,5 @@
 """The measured sections of the GPU-path report (ceilings, decode, prefill, vision tower, KV planning), each over
-engines built the way LLMEngine builds them, with targets from issue 4."""
+engines built the way the engine core builds them, with targets from issue 4."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.llm_engine import LLMEngine
+from spaceserve.engine.core import EngineCore
 from spaceserve.profile import floors
 from spaceserve.profile.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from spaceserve.profile.synthetic import (
@@ -112,10 +112,10 @@ class EngineHolder:
     def __init__(self, settings: ReportSettings) -> None:
         self.settings = settings
         self.model: str | None = None
-        self.engine: LLMEngine | None = None
+        self.engine: EngineCore | None = None
         self.info: dict[str, Any] = {}
 
-    def get(self, model: str) -> LLMEngine:
+    def get(self, model: str) -> EngineCore:
         if self.model == model and self.engine is not None:
             return self.engine
         self.free()
@@ -133,7 +133,7 @@ class EngineHolder:
             **s.engine_overrides,
         )
         begin = time.perf_counter()
-        self.engine = LLMEngine(args.create_engine_config())
+        self.engine = EngineCore(args.create_engine_config())
         self.model = model
         self.info = {
             "model": model,

@@ -1,4 +1,4 @@
-"""Synthetic steps for an LLMEngine's own runners: requests whose KV is already "computed", so one decode or prefill
+"""Synthetic steps for an EngineCore's own runners: requests whose KV is already "computed", so one decode or prefill
 step of a chosen shape can be timed in isolation with exactly the runner, KV caches and graphs the engine runs.
 
 Blocks come from the engine's block pool (and go back to it), shuffled so block tables are in random order as after

@@ -69,7 +69,7 @@ def test_overlap_gives_the_same_outputs_as_serial_scheduling(model):
         try:
             results[overlap] = _summary(_run(engine, prompts, params))
             engine.check_idle_integrity()
-            fed = engine.model_runner.num_placeholder_tokens_fed
+            fed = engine.core.model_runner.num_placeholder_tokens_fed
             assert (fed > 0) == overlap, f"overlap={overlap} fed {fed} tokens from the device"
         finally:
             engine.shutdown()
@@ -120,10 +120,10 @@ def test_overlap_under_preemption_prefix_hits_and_aborts_loses_nothing_and_match
         engine = _engine("tiny-qwen2-vl", overlap, max_num_seqs=16, num_gpu_blocks_override=48, encoder_cache_tokens=300)
         try:
             outputs = _run(engine, prompts, params, abort_at)
-            assert engine.scheduler.num_preemptions > 0, "the KV cache was meant to be tight enough to preempt"
-            assert engine.kv_manager.prefix_cache_stats.hits > 0
+            assert engine.core.scheduler.num_preemptions > 0, "the KV cache was meant to be tight enough to preempt"
+            assert engine.core.kv_manager.prefix_cache_stats.hits > 0
             engine.check_idle_integrity()
-            assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
+            assert engine.core.kv_manager.num_free_blocks == engine.core.kv_manager.num_blocks
         finally:
             engine.shutdown()
         completed = {f"r{i}" for i in range(len(prompts))} - set(abort_at)

@@ -66,7 +66,7 @@ def test_bad_request_is_rejected_while_others_keep_running(llm, name):
         finished.update({o.request_id: o for o in engine.step() if o.finished})
     assert [finished[r.request_id].outputs[0].token_ids for r in requests] == expected
     engine.check_idle_integrity()
-    assert not engine.encoder_scheduler.has_work
+    assert not engine.core.encoder_stage.scheduler.has_work
 
 
 def test_generate_names_the_bad_prompt_and_queues_nothing(llm):

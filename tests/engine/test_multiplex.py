@@ -75,7 +75,7 @@ def test_the_lm_keeps_decoding_while_an_image_is_being_encoded():
     llm = make_llm("tiny-qwen2-vl", max_model_len=512, multiplex="streams", device=DEVICE)
     engine = llm.llm_engine
     release = threading.Event()
-    worker = engine.encoder_stage.worker
+    worker = engine.core.encoder_stage.worker
     execute = worker.runner.execute
 
     def held_execute(batch):
@@ -99,7 +99,7 @@ def test_the_lm_keeps_decoding_while_an_image_is_being_encoded():
         placeholder = image_request.mm_features[0].placeholder
         # its text before the image was prefilled; it waits at the image while the encoder is held
         assert image_request.num_computed_tokens == placeholder.offset
-        assert engine.encoder_stage.busy
+        assert engine.core.encoder_stage.busy
         release.set()
         while engine.has_unfinished_requests():
             finished.update(o.request_id for o in engine.step() if o.finished)
@@ -140,9 +140,9 @@ def test_stress_many_images_arriving_while_dozens_decode_lose_nothing_and_leak_n
                 step += 1
                 if not engine.has_unfinished_requests() and added == len(prompts):
                     break
-            assert engine.scheduler.num_preemptions > 0, "the KV cache was meant to be tight enough to preempt"
+            assert engine.core.scheduler.num_preemptions > 0, "the KV cache was meant to be tight enough to preempt"
             engine.check_idle_integrity()
-            assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
+            assert engine.core.kv_manager.num_free_blocks == engine.core.kv_manager.num_blocks
         finally:
             engine.shutdown()
         completed = {f"r{i}" for i in range(len(prompts)) if i not in abort_at}
@@ -160,7 +160,7 @@ def test_an_encoder_failure_surfaces_as_an_engine_error():
     def broken(batch):
         raise RuntimeError("device fault")
 
-    engine.encoder_stage.worker.runner.execute = broken
+    engine.core.encoder_stage.worker.runner.execute = broken
     try:
         prompt = {"prompt": PAD, "multi_modal_data": {"image": _image(np.random.default_rng(1))}}
         engine.add_request(prompt, SamplingParams(max_tokens=2))
@@ -176,10 +176,10 @@ def test_space_on_cpu_refuses_and_auto_falls_back_to_time_saying_why():
     with pytest.raises(ConfigError, match="green contexts"):
         make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="space", device="cpu")
     llm = make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="auto", device="cpu")
-    layout = llm.llm_engine.layout
+    layout = llm.llm_engine.core.layout
     assert layout.mode == "time" and layout.concurrent is False and "auto chose time" in layout.reason
     streams = make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="streams", device="cpu").llm_engine
-    assert streams.layout.mode == "streams" and "worker thread" in streams.layout.reason
+    assert streams.core.layout.mode == "streams" and "worker thread" in streams.core.layout.reason
     streams.shutdown()
 
 
@@ -201,14 +201,14 @@ def test_space_reports_its_split_and_replays_graphs_on_both_lm_streams():
     )
     engine = llm.llm_engine
     try:
-        described = engine.layout.describe()
+        described = engine.core.layout.describe()
         assert described["multiplex"] == "space" and len(described["splits"]) == 2
         small, large = described["splits"]
         assert 20 <= small["encoder_sms"] < large["encoder_sms"]
         for split in described["splits"]:
             assert split["encoder_sms"] + split["lm_sms"] == described["total_sms"]
-        runner = engine.model_runner
-        assert set(runner._graphs_by_stream) == set(engine.layout.lm_streams) and len(runner._graphs_by_stream) == 3
+        runner = engine.core.model_runner
+        assert set(runner._graphs_by_stream) == set(engine.core.layout.lm_streams) and len(runner._graphs_by_stream) == 3
         prompts = _mixed_prompts(seed=2, count=16)
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
         assert runner.num_graphed_steps > 0

@@ -59,7 +59,7 @@ def test_preemption_keeps_tokens_identical(case):
     path, prompts, expected = case
     llm = make_llm(str(path), device=ENGINE_DEVICE, num_gpu_blocks_override=14, block_size=8)
     outputs = llm.generate(prompts * 3, GREEDY)
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.core.scheduler.num_preemptions > 0
     assert _tokens(outputs) == expected * 3
     llm.llm_engine.check_idle_integrity()
 
@@ -74,7 +74,7 @@ def test_prefix_cache_hits_keep_tokens_identical(case):
     path, prompts, expected = case
     llm = make_llm(str(path), device=ENGINE_DEVICE, block_size=4)
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
-    stats = llm.llm_engine.kv_manager.prefix_cache_stats
+    stats = llm.llm_engine.core.kv_manager.prefix_cache_stats
     hits_before = stats.hits
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
     assert stats.hits > hits_before

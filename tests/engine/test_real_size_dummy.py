@@ -9,7 +9,7 @@ from tests.llm_factory import make_llm
 
 def test_qwen2_vl_2b_preset_generates_with_dummy_weights():
     llm = make_llm("Qwen/Qwen2-VL-2B-Instruct", load_format="dummy", max_model_len=512, max_num_seqs=4)
-    model = llm.llm_engine.model
+    model = llm.llm_engine.core.model
     assert next(model.parameters()).dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) > 2_000_000_000
     image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)

@@ -82,7 +82,7 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(clip, tmp
     assert len(set(map(tuple, tokens.values()))) == 1, tokens
     plan = plan_video(len(indices), 48, 64, llm.llm_engine.config.image_config, VideoProcessingParams(**SMALL))
     # resized on the engine's device: CUDA resizes in float32 where the CPU resizes uint8, as transformers does
-    device = llm.llm_engine.device
+    device = llm.llm_engine.core.device
     expected = preprocess_video(torch.from_numpy(frames[indices]).to(device), plan, llm.llm_engine.config.image_config)
     for request in requests:
         (feature,) = request.mm_features
@@ -97,7 +97,7 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(clip, tmp
 
 def test_same_video_hits_the_processed_video_cache_and_settings_change_the_key(llm, clip):
     engine = llm.llm_engine
-    cache = engine.video_stage.cache
+    cache = engine.core.videos.stage.cache
     first = engine.add_request(_video_prompt(clip, fps=1.0), PARAMS)
     _run(engine)
     hits = cache.hits
@@ -123,7 +123,7 @@ def test_request_waits_outside_the_scheduler_while_decoding_and_others_run(llm, 
     monkeypatch.setattr(decode_module, "decode_frames", slow_decode)
     video = engine.add_request(_video_prompt(clip, num_frames=14), PARAMS, "slow-video")
     engine.add_request("hello there", PARAMS, "text")
-    assert engine.num_decoding == 1 and "slow-video" not in engine.scheduler.requests
+    assert engine.core.num_decoding == 1 and "slow-video" not in engine.core.scheduler.requests
     finished = {}
     while "text" not in finished:
         finished |= {o.request_id: o for o in engine.step() if o.finished}
@@ -154,7 +154,7 @@ def test_abort_while_decoding_leaks_nothing(llm, clip, monkeypatch):
     assert not engine.has_unfinished_requests()
     release.set()
     engine.step()  # the late result is dropped
-    assert "abort-me" not in engine.scheduler.requests
+    assert "abort-me" not in engine.core.scheduler.requests
     engine.check_idle_integrity()
 
 
@@ -195,7 +195,7 @@ def test_bad_video_is_rejected_and_engine_untouched(llm, clip, make_video, kwarg
     engine.add_request("keep going", PARAMS, "survivor")
     with pytest.raises(InvalidInputError, match=message):
         engine.add_request(_video_prompt(make_video(clip), **kwargs), PARAMS)
-    assert engine.num_decoding == 0
+    assert engine.core.num_decoding == 0
     finished = _run(engine)
     assert list(finished) == ["survivor"] and finished["survivor"].error is None
     engine.check_idle_integrity()

@@ -104,7 +104,7 @@ def _expected_pixels(clip: bytes, engine, backend: str) -> tuple[torch.Tensor, s
     decoded. Pixels compare only between decodes by one backend: NVDEC's RGB conversion is not swscale's."""
     meta = probe_video(clip)
     indices = sample_frame_indices(meta.num_frames, meta.fps, VideoSamplingParams())
-    decoded = decode_frames(clip, indices, device=engine.device, backend=backend)
+    decoded = decode_frames(clip, indices, device=engine.core.device, backend=backend)
     image_config = engine.config.image_config
     plan = plan_video(len(indices), meta.height, meta.width, image_config, VideoProcessingParams(**SMALL))
     return preprocess_video(decoded.frames, plan, image_config).pixel_values, decoded.backend
@@ -114,8 +114,8 @@ def test_engine_decodes_a_video_gop_parallel_bit_exact_with_one_session(clip, mo
     # the PyAV sessions of the pool, on any engine device (a CUDA engine would otherwise decode with NVDEC)
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_cpu_sessions=3, video_decode_backend="pyav")
     engine = llm.llm_engine
-    pool = engine.video_decoders
-    assert pool is not None and engine.video_stage.decoders is pool and pool.config.cpu_sessions == 3
+    pool = engine.core.video_decoders
+    assert pool is not None and engine.core.videos.stage.decoders is pool and pool.config.cpu_sessions == 3
     chunk_counts = []
     real_decode_pyav = flashcodec.decode_pyav
 
@@ -144,7 +144,7 @@ def test_zero_sessions_decodes_in_one_session_with_the_same_pixels(clip, monkeyp
     # the default backend: PyAV on the CPU, NVDEC on a GPU with torchcodec (else PyAV); expected by the same one
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_sessions=0)
     engine = llm.llm_engine
-    assert engine.video_decoders is None and engine.video_stage.decoders is None
+    assert engine.core.video_decoders is None and engine.core.videos.stage.decoders is None
     engine_decodes = []
     real_decode_frames = decode_module.decode_frames
 
@@ -172,8 +172,8 @@ def test_zero_sessions_decodes_in_one_session_with_the_same_pixels(clip, monkeyp
 def test_engine_decodes_a_video_over_nvdec_sessions_bit_exact_with_one_session(clip, monkeypatch):
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_sessions=3, video_decode_backend="nvdec")
     engine = llm.llm_engine
-    pool = engine.video_decoders
-    assert engine.device.type == "cuda" and pool.num_gpu_sessions() == 3
+    pool = engine.core.video_decoders
+    assert engine.core.device.type == "cuda" and pool.num_gpu_sessions() == 3
     chunk_counts = []
     real_decode_nvdec = flashcodec.decode_nvdec
 

@@ -38,7 +38,7 @@ def test_a_batch_replays_the_smallest_captured_size_that_holds_it():
 
 def test_cpu_engines_run_eagerly_and_launch_collect_equals_execute():
     llm = make_llm("tiny-qwen2-vl", max_model_len=256, max_num_seqs=4, device="cpu")
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.core.model_runner
     assert runner.cuda_graphs is None
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     outputs = llm.generate(["one two", "three", "four five six seven"], params)
@@ -58,7 +58,7 @@ def _generate(model: str, prompts, **kwargs):
     llm = make_llm(model, max_model_len=512, max_num_seqs=8, dtype="float32", **kwargs)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    return tokens, llm.llm_engine.model_runner
+    return tokens, llm.llm_engine.core.model_runner
 
 
 @pytest.mark.gpu
@@ -110,10 +110,10 @@ def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
     config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES)
     split = SMPartition(encoder_sms=0, lm_sms=0, total_sms=0, encoder_stream=other, lm_stream=other)  # its LM side
     layout = ExecutionLayout("time", "time", "test", lm_stream=side, partitions=(split,))
-    runner, plan = build_model_runner(config, engine.model, engine.dtype, engine.device, layout)
-    assert plan.num_kv_blocks == engine.num_kv_blocks
+    runner, plan = build_model_runner(config, engine.core.model, engine.dtype, engine.core.device, layout)
+    assert plan.num_kv_blocks == engine.core.num_kv_blocks
     assert runner.stream == side and runner.cuda_graphs.stream == side
-    engine.model_runner = runner
+    engine.core.model_runner = runner
     launch = runner.launch
     streams_used = []
 
@@ -134,7 +134,7 @@ def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
 def test_a_graphed_decode_launch_never_synchronises_the_host():
     llm = make_llm("tiny-qwen2-vl", max_model_len=256, max_num_seqs=8, attention_backend="triton", cuda_graph_sizes=SIZES)
     engine = llm.llm_engine
-    runner = engine.model_runner
+    runner = engine.core.model_runner
     launch = runner.launch
     checked = []
 
@@ -166,9 +166,9 @@ def test_profiled_memory_plan_sizes_the_kv_cache_from_what_is_left():
     llm = LLM("tiny-qwen2-vl", max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=16,
               gpu_memory_utilization=utilization)
     engine = llm.llm_engine
-    plan = engine.memory_plan
+    plan = engine.core.memory_plan
     assert plan.source == "profiled" and plan.lm_peak_bytes > 0 and plan.encoder_peak_bytes > 0
-    assert plan.cuda_graph_bytes > 0 and engine.model_runner.cuda_graphs is not None
+    assert plan.cuda_graph_bytes > 0 and engine.core.model_runner.cuda_graphs is not None
     # what other users of the GPU (and the CUDA context) hold is not ours to plan with
     left = int(plan.total_bytes * utilization) - plan.non_torch_bytes - plan.weights_bytes - plan.peak_activation_bytes
     assert abs(plan.kv_cache_bytes - left) <= 0.05 * left
@@ -210,7 +210,7 @@ def test_padded_decode_through_capture_time_views_equals_the_torch_reference_on_
     prompts = _prompts(np.random.default_rng(4), 3)
     reference, _ = _generate("tiny-qwen2-vl", prompts, attention_backend="torch")
     llm = make_llm("tiny-qwen2-vl", max_model_len=512, max_num_seqs=8, dtype="float32", attention_backend="triton")
-    runner = llm.llm_engine.model_runner
+    runner = llm.llm_engine.core.model_runner
     graphs = ReplayWithoutGraphs(runner._decode_logits, runner.input_batch, (2, 4), runner.vocab_size)
     graphs.capture()
     runner.cuda_graphs = graphs

@@ -142,8 +142,8 @@ def test_engine_exposes_the_plan_on_cpu():
     from tests.llm_factory import TEST_KV_CACHE_BYTES, make_llm
 
     engine = make_llm("tiny-qwen2-vl", max_model_len=256).llm_engine
-    plan = engine.memory_plan
-    assert plan.source == "kv_cache_memory_bytes" and plan.num_kv_blocks == engine.num_kv_blocks
+    plan = engine.core.memory_plan
+    assert plan.source == "kv_cache_memory_bytes" and plan.num_kv_blocks == engine.core.num_kv_blocks
     assert plan.kv_cache_bytes <= TEST_KV_CACHE_BYTES < plan.kv_cache_bytes + plan.bytes_per_block
-    assert engine.model_runner.kv_caches[0].shape[1] == plan.num_kv_blocks
+    assert engine.core.model_runner.kv_caches[0].shape[1] == plan.num_kv_blocks
     assert torch.get_default_dtype() == torch.float32

@@ -119,17 +119,21 @@ class LiveServer:
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
 
+    def utility(self, method: str, *args):
+        """An engine-core utility call (works wherever the core runs)."""
+        return run(self.engine.call_utility(method, *args))
+
     def wait_idle(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.engine.call_in_engine(lambda engine: engine.has_unfinished_requests(), timeout):
+        while self.utility("has_unfinished_requests"):
             if time.monotonic() > deadline:
                 raise TimeoutError("the engine still has requests in flight")
             time.sleep(0.01)
 
     def assert_idle_and_clean(self) -> None:
         self.wait_idle()
-        self.engine.call_in_engine(lambda engine: engine.check_idle_integrity())
-        free, total = self.engine.call_in_engine(lambda e: (e.kv_manager.num_free_blocks, e.kv_manager.num_blocks))
+        self.utility("check_idle_integrity")
+        free, total = self.utility("kv_block_counts")
         assert free == total
 
 
@@ -142,7 +146,7 @@ def live_server(tmp_path_factory):
     engine = AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), **ENGINE_KWARGS), stat_loggers=[recorder])
     engine.call_in_engine(lambda e: perturb_weights(e.model))
     reference = make_llm(str(model_dir), **ENGINE_KWARGS)
-    perturb_weights(reference.llm_engine.model)
+    perturb_weights(reference.llm_engine.core.model)
     app = create_app(engine, ServerArgs(served_model_name=SERVED_NAME, allowed_local_media_path=str(media_dir)))
     server = ThreadedServer(app)
     try:

@@ -69,7 +69,7 @@ def video_server(tmp_path_factory):
     engine = AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), **VIDEO_KWARGS), stat_loggers=[recorder])
     engine.call_in_engine(lambda e: perturb_weights(e.model))
     reference = make_llm(str(model_dir), **VIDEO_KWARGS)
-    perturb_weights(reference.llm_engine.model)
+    perturb_weights(reference.llm_engine.core.model)
     args = ServerArgs(
         served_model_name=SERVED_NAME, allowed_local_media_path=str(media_dir), media_max_video_bytes=MAX_VIDEO_BYTES
     )

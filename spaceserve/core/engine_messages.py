@@ -1,0 +1,152 @@
+"""The contract between the front process (HTTP, tokenization, media, detokenization) and the engine-core process
+(schedulers, runners, encoder): compact msgspec structs, never live objects.
+
+Fields typed `Any` carry arrays (pixel values, raw RGB images, M-RoPE positions, video frames); the serializer in
+engine/serial.py sends their bytes as separate message frames, without copying them into the msgpack body.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from spaceserve.core.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class WireFeature(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One image or video of a request, as MultiModalFeature (core/multimodal.py) without live objects."""
+
+    mm_hash: str
+    modality: str
+    offset: int
+    length: int
+    num_patches: int
+    grid_thw: tuple[int, int, int]
+    pixel_values: Any = None
+    """float32 patches, a RawImage's fields (see raw_image), or None while a video is still to be decoded."""
+    raw_image: tuple[int, int] | None = None
+    """Set when pixel_values is an unprocessed uint8 [H, W, 3] image: the (height, width) to resize it to; the
+    engine core preprocesses it on its device."""
+
+
+class WireVideoJob(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A video the engine core's decode stage makes model-ready (multimodal/video/stage.py's VideoWork)."""
+
+    feature_index: int
+    source: Any
+    """A file path, encoded bytes, or uint8 [T, H, W, 3] frames."""
+    frame_indices: tuple[int, ...] | None
+    plan: tuple[int, int, int, tuple[int, int, int], int]
+    """VideoPlan fields: num_frames, resized_height, resized_width, grid_thw, merge_size."""
+    source_hw: tuple[int, int]
+    settings: list[tuple[str, Any]]
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    arrival_time: float
+    mm_features: list[WireFeature] = []
+    mrope_positions: Any = None
+    """int64 [3, prompt length], or None for text-only prompts (positions are then the token index)."""
+    mrope_position_delta: int = 0
+    video_jobs: list[WireVideoJob] = []
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one request gained in one step: its new token ids, and how it ended if it did."""
+
+    request_id: str
+    new_token_ids: list[int] = []
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    timestamps: dict[str, float] | None = None
+    """time.monotonic() stamps of the request's life in the core (first scheduled, encoder, first token,
+    finished); sent with the output that finishes it. CLOCK_MONOTONIC is system-wide, so the front compares them
+    with its own."""
+
+
+class EngineCoreStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What /metrics shows about the core's state, as of its latest step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    encoder_cache_usage: float = 0.0
+    num_encoder_queued_items: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    stats: EngineCoreStats | None = None
+
+
+# ---- messages to the engine core -------------------------------------------------------------------------------
+
+class AddRequest(msgspec.Struct, tag=True, array_like=True):
+    request: EngineCoreRequest
+
+
+class AbortRequests(msgspec.Struct, tag=True, array_like=True):
+    request_ids: list[str]
+    reason: FinishReason = FinishReason.ABORT
+    """ABORT for a client that left; STOP when the front saw a stop string (the core only frees the request)."""
+
+
+class UtilityCall(msgspec.Struct, tag=True, array_like=True):
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+CoreInput = AddRequest | AbortRequests | UtilityCall | Shutdown
+
+
+# ---- messages from the engine core -----------------------------------------------------------------------------
+
+class EngineCoreReady(msgspec.Struct, tag=True, array_like=True):
+    """Sent once the core has built its model and KV cache: what the front needs to know about it."""
+
+    info: dict[str, Any]
+
+
+class StepOutputs(msgspec.Struct, tag=True, array_like=True):
+    outputs: EngineCoreOutputs
+
+
+class UtilityResult(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreDead(msgspec.Struct, tag=True, array_like=True):
+    """The core failed (while starting or stepping) and stops; every request in flight is lost."""
+
+    error: str
+    error_type: str = "RuntimeError"
+    """The exception's class name, so the front can raise the same kind (ConfigError at start-up, say)."""
+
+
+CoreOutput = EngineCoreReady | StepOutputs | UtilityResult | EngineCoreDead

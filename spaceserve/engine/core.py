@@ -1,0 +1,368 @@
+"""The engine core: owns the schedulers, caches, runners and the encoder stage, and advances every request by one
+LM step at a time. It knows token ids, not text: the front (LLMEngine, AsyncLLM) tokenizes, detokenizes and checks
+stop strings, and talks to the core through a client (core_client.py), in this process or another one.
+
+`time` multiplexing (vLLM v1's behaviour, the baseline): each step first runs one encoder batch on the LM's stream,
+then the language-model step. `streams` and `space` run the encoder concurrently in a worker that the step feeds
+and collects from. Either way the encoder side has one owner, the EncoderStage (queue, cache accounting,
+embeddings, worker, SM split, timing); the LM scheduler prefills a request only up to its first image that is not
+ready. With async scheduling the LM step N+1 is launched before step N is collected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spaceserve.config import EngineConfig
+from spaceserve.core.engine_messages import EngineCoreOutput, EngineCoreStats, FinishReason
+from spaceserve.core.errors import InvalidInputError
+from spaceserve.core.request import Request, RequestStatus
+from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from spaceserve.engine.encoder_stage import EncoderStage
+from spaceserve.engine.video_admission import PendingVideos
+from spaceserve.kvcache.kv_manager import KVCacheManager
+from spaceserve.models.loader import build_model, resolve_dtype
+from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
+from spaceserve.runtime.model_runner import StepHandle
+from spaceserve.runtime.multiplex import resolve_layout
+from spaceserve.runtime.runner_setup import build_model_runner
+from spaceserve.sched.scheduler import Scheduler
+
+_IDLE_DECODE_WAIT_S = 0.01
+_IDLE_ENCODER_WAIT_S = 0.002
+REQUEST_TIMESTAMPS = (
+    "arrival_time",
+    "video_decode_start_time",
+    "video_decode_end_time",
+    "first_scheduled_time",
+    "encoder_enqueued_time",
+    "encoder_scheduled_time",
+    "encoder_end_time",
+    "first_token_time",
+    "finished_time",
+)
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+_STATUS_OF_REASON = {reason: status for status, reason in _FINISH_REASONS.items()}
+
+
+@dataclass
+class LoopStats:
+    """Where the engine thread's time goes (totals): `lm_host_s` is Python work around LM steps (scheduling,
+    input preparation, launches, output handling), `lm_wait_s` the time spent waiting for the device."""
+
+    lm_steps: int = 0
+    lm_host_s: float = 0.0
+    lm_wait_s: float = 0.0
+    encoder_inline_s: float = 0.0
+    """time: host time launching the encoder batches run inside steps (not in lm_host_s; their device time is
+    waited for in the LM step that follows)."""
+    lm_gpu_s: float = 0.0
+    """GPU time of LM steps (CUDA events around each step's work on its stream; 0 off CUDA)."""
+    lm_gpu_gap_s: float = 0.0
+    """GPU time with no LM step queued between consecutive LM steps while requests ran (host overhead the GPU
+    waited for); an encoder batch run inline between them (time mode) is not counted as a gap."""
+
+
+@dataclass(frozen=True)
+class _LaunchedStep:
+    scheduled: SchedulerOutput
+    handle: StepHandle
+    gap_start: torch.cuda.Event | None
+    """The previous LM step's end event, when the GPU had one just before this step (for lm_gpu_gap_s)."""
+    inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.model_config)
+        self.model = build_model(
+            config.model_config,
+            directory=None if config.model_dir is None else Path(config.model_dir),
+            load_format=config.load_format,
+            dtype=self.dtype,
+            device=self.device,
+            seed=config.seed,
+        )
+        # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
+        self.layout = resolve_layout(config, self.device)
+        # profiles memory on CUDA, sizes and allocates the KV cache, captures decode CUDA graphs (per LM stream)
+        self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device, self.layout)
+        self.num_kv_blocks = self.memory_plan.num_kv_blocks
+        self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.encoder_stage = EncoderStage(config.encoder, self.model, self.device, self.layout)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
+        )
+        self.encoder_stage.bind_requests(self.scheduler.requests)
+        # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
+        self.video_decoders = build_decoder_pool(config.video, self.device)
+        self.videos = PendingVideos(
+            VideoDecodeStage(
+                config.image_config,
+                self.device,
+                num_workers=config.video.decode_workers,
+                cache_bytes=config.video.cache_bytes,
+                backend=config.video.decode_backend,
+                decoders=self.video_decoders,
+            )
+        )
+        self.loop_stats = LoopStats()
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
+        self._last_lm_end: torch.cuda.Event | None = None
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request input processing built. Raises InvalidInputError, engine untouched, if its id is in use or
+        an image cannot fit the encoder cache. A request with videos still to decode waits outside the scheduler
+        until the decode stage has them."""
+        if request.request_id in self.scheduler.requests or request.request_id in self.videos:
+            raise InvalidInputError(f"request id {request.request_id!r} is already in use")
+        for feature in request.mm_features:
+            self.encoder_stage.cache.check_fits(feature.num_tokens)
+        if request.pending_mm_work:
+            self.videos.submit(request)
+            return
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[EngineCoreOutput]:
+        """Finish requests early (a client that left: ABORT; a stop string the front saw: STOP); unknown or finished
+        ids are ignored. Returns an output for each request that was still in flight."""
+        now = time.monotonic()
+        status = _STATUS_OF_REASON[reason]
+        finished = []
+        for request_id in request_ids:
+            request = self.videos.abort(request_id)
+            if request is not None:
+                request.status = status
+                finished.append(request)
+        aborted = self.scheduler.finish_requests(request_ids, status)
+        for request in aborted:
+            self.model_runner.release(request.request_id)
+        outputs = []
+        for request in finished + aborted:
+            request.finished_time = now
+            outputs.append(self._output(request, []))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests or bool(self.videos)
+
+    @property
+    def num_decoding(self) -> int:
+        """Requests waiting for the decode stage (not yet in the scheduler)."""
+        return len(self.videos)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Advance every request by one LM step. With async scheduling the step is launched before the previous
+        one is collected, so the host schedules and prepares step N+1 while the device runs step N; the outputs
+        returned are those of the step collected here."""
+        step_start = time.monotonic()
+        failed = self._admit_decoded()
+        stage = self.encoder_stage
+        if stage.concurrent:
+            encoded = stage.collect()
+        else:
+            encoder_start = time.monotonic()
+            encoded = stage.run_inline(self.model_runner.stream)
+            encoder_s = time.monotonic() - encoder_start
+            self.loop_stats.encoder_inline_s += encoder_s
+            step_start += encoder_s  # kept out of lm_host_s
+        scheduled = self.scheduler.schedule()
+        stage.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None, num_running=self.scheduler.num_running)
+        launched = self._launch(scheduled) if not scheduled.is_empty else None
+        to_collect = launched
+        if self.async_scheduling:
+            to_collect, self._in_flight = self._in_flight, launched
+        if to_collect is None:
+            if launched is None:
+                self._last_lm_end = None
+                self._wait_for_work(encoded)
+            return failed
+        launch_done = time.monotonic()
+        runner_output = self.model_runner.collect(to_collect.handle)
+        collected = time.monotonic()
+        stage.resolve_end_times()
+        self._account_gpu_time(to_collect)
+        outputs = self._process_step_output(to_collect.scheduled, runner_output)
+        stats = self.loop_stats
+        stats.lm_steps += 1
+        stats.lm_wait_s += collected - launch_done
+        stats.lm_host_s += (launch_done - step_start) + (time.monotonic() - collected)
+        return failed + outputs
+
+    def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
+        stage = self.encoder_stage
+        if (stream := stage.lm_stream()) is not None:
+            self.model_runner.use_stream(stream)
+        handle = self.model_runner.launch(scheduled, stage.embeddings)
+        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span())
+        if handle.gpu_span is not None:
+            self._last_lm_end = handle.gpu_span[1]
+        return launched
+
+    def _account_gpu_time(self, step: _LaunchedStep) -> None:
+        """Add a collected step's GPU time and the idle gap before it (its events have completed)."""
+        span = step.handle.gpu_span
+        if span is None:
+            return
+        stats = self.loop_stats
+        stats.lm_gpu_s += span[0].elapsed_time(span[1]) / 1e3
+        if step.gap_start is not None:
+            gap = step.gap_start.elapsed_time(span[0]) / 1e3
+            if step.inline_encoder_span is not None:
+                gap -= step.inline_encoder_span[0].elapsed_time(step.inline_encoder_span[1]) / 1e3
+            stats.lm_gpu_gap_s += max(gap, 0.0)
+
+    def has_step_in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def _process_step_output(
+        self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        updated = self.scheduler.update_from_output(scheduled, runner_output)
+        now = time.monotonic()
+        outputs = []
+        for request in updated:
+            first = request.first_token_time is None
+            if first:
+                request.first_token_time = now
+            if request.is_finished:
+                request.finished_time = now
+                self.model_runner.release(request.request_id)
+            outputs.append(self._output(request, request.output_token_ids[-1:], with_timestamps=first))
+        return outputs
+
+    def _output(
+        self, request: Request, new_token_ids: list[int], error: str | None = None, with_timestamps: bool = False
+    ) -> EngineCoreOutput:
+        """The request's delta; its timestamps go with its first token and with the output that finishes it."""
+        timestamps = None
+        if with_timestamps or request.is_finished:
+            timestamps = {name: value for name in REQUEST_TIMESTAMPS if (value := getattr(request, name)) is not None}
+        if not request.is_finished:
+            return EngineCoreOutput(request.request_id, new_token_ids, timestamps=timestamps)
+        return EngineCoreOutput(
+            request.request_id,
+            new_token_ids,
+            finish_reason=_FINISH_REASONS[request.status],
+            stop_reason=request.stop_reason,
+            error=error,
+            timestamps=timestamps,
+        )
+
+    def _wait_for_work(self, encoded: bool) -> None:
+        """Nothing for the LM this step: wait briefly for the work in flight elsewhere, or report a stall."""
+        stage = self.encoder_stage
+        stage.resolve_end_times()
+        if stage.busy:
+            stage.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
+            return
+        if self.videos and not encoded and not stage.has_work:
+            self.videos.wait(_IDLE_DECODE_WAIT_S)  # nothing else to run: wait a moment for a decode, don't spin
+            return
+        if not encoded and not stage.has_work and self.has_unfinished_requests():
+            # no encoder work is queued or in flight: with nothing schedulable, nothing can ever run
+            raise RuntimeError(
+                f"engine stalled: {self.scheduler.num_waiting} waiting and {self.scheduler.num_running} running "
+                f"requests, {stage.scheduler.num_queued_items} images queued, none can be scheduled"
+            )
+
+    def _admit_decoded(self) -> list[EngineCoreOutput]:
+        """Queue the requests whose videos are all ready; finish those whose decode failed with an error output."""
+        ready, failed = self.videos.take_decoded()
+        outputs = []
+        for request in ready:
+            try:
+                self.scheduler.add_request(request)
+            except InvalidInputError as exc:
+                request.status = RequestStatus.FINISHED_ERROR
+                failed.append((request, str(exc)))
+        now = time.monotonic()
+        for request, message in failed:
+            request.finished_time = now
+            outputs.append(self._output(request, [], error=message))
+        return outputs
+
+    def shutdown(self) -> None:
+        """Stop the encoder worker and the video decode stage, and close the decoder sessions. Idempotent."""
+        self.encoder_stage.shutdown()
+        self.videos.shutdown()
+        if self.video_decoders is not None:
+            self.video_decoders.close()
+
+    # ---- introspection (also reachable from another process as utility calls) ----------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What the front needs to know about this core once it has started."""
+        return {
+            "execution": self.layout.describe(),
+            "num_kv_blocks": self.num_kv_blocks,
+            "memory_plan": asdict(self.memory_plan),
+            "memory_plan_summary": self.memory_plan.summary(),
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+        }
+
+    def stats(self) -> EngineCoreStats:
+        kv = self.kv_manager
+        return EngineCoreStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + self.num_decoding,
+            num_kv_blocks=kv.num_blocks,
+            num_free_kv_blocks=kv.num_free_blocks,
+            kv_cache_usage=kv.usage,
+            encoder_cache_usage=self.encoder_stage.cache.usage,
+            num_encoder_queued_items=self.encoder_stage.scheduler.num_queued_items,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_stats.queries,
+            prefix_cache_hits=kv.prefix_cache_stats.hits,
+        )
+
+    def loop_counters(self) -> dict[str, float]:
+        """Totals of where both loops spend their time (for benchmarks: the GIL and host work, measured)."""
+        counters: dict[str, float] = asdict(self.loop_stats)
+        counters.update(self.encoder_stage.counters())
+        return counters
+
+    def engine_counters(self) -> dict[str, float]:
+        """What a benchmark row records about the engine: preemptions, prefix-cache tokens, loop counters."""
+        prefix = self.kv_manager.prefix_cache_stats
+        return {
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_query_tokens": prefix.queries,
+            "prefix_cache_hit_tokens": prefix.hits,
+            **self.loop_counters(),
+        }
+
+    def kv_block_counts(self) -> tuple[int, int]:
+        """(free, total) KV blocks."""
+        return self.kv_manager.num_free_blocks, self.kv_manager.num_blocks
+
+    def check_idle_integrity(self) -> None:
+        """With no request in flight, every KV block is free and no encoder-cache entry is referenced."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("requests are still in flight")
+        self.kv_manager.check_integrity()
+        self.encoder_stage.check_integrity()
+
+
+UTILITY_METHODS = frozenset(
+    {"describe", "loop_counters", "engine_counters", "kv_block_counts", "check_idle_integrity", "has_unfinished_requests"}
+)
+"""The EngineCore methods a front may call by name (`call_utility`), in this process or across processes."""

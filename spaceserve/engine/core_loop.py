@@ -1,0 +1,102 @@
+"""The engine core's busy loop, the same whether the core runs in a process of its own (over ZMQ, see core_proc.py)
+or in a thread of the front's process (tests, debugging): take every message that arrived, then step while
+requests are unfinished, sending each step's outputs; block when idle, so an idle engine costs nothing.
+
+A message that fails (bad input the front could not check, a failing utility call) is answered with its error; an
+exception inside a step ends the loop for every request, reported as EngineCoreDead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from spaceserve.core.engine_messages import (
+    AbortRequests,
+    AddRequest,
+    CoreInput,
+    CoreOutput,
+    EngineCoreDead,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    FinishReason,
+    Shutdown,
+    StepOutputs,
+    UtilityCall,
+    UtilityResult,
+)
+from spaceserve.core.errors import InvalidInputError
+from spaceserve.core.request import Request
+from spaceserve.engine.core import UTILITY_METHODS, EngineCore
+
+logger = logging.getLogger(__name__)
+
+EMPTY_STEP_WAIT_S = 0.0005
+"""After a step that launched nothing and produced nothing (work in flight elsewhere), wait this long for a
+message instead of spinning."""
+
+
+class CoreTransport(Protocol):
+    def receive(self, timeout_s: float | None) -> list[CoreInput]:
+        """Every message that has arrived, waiting up to `timeout_s` (None: forever) for the first one."""
+        ...
+
+    def send(self, message: CoreOutput) -> None: ...
+
+
+RequestBuilder = Callable[[AddRequest], Request]
+
+
+def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: RequestBuilder) -> None:
+    """Serve messages and step until a Shutdown message arrives; a failing step sends EngineCoreDead and raises."""
+    idle_reported = True
+    wait_s: float | None = None
+    while True:
+        busy = core.has_unfinished_requests()
+        messages = transport.receive(None if not busy else wait_s or 0.0)
+        for message in messages:
+            if isinstance(message, Shutdown):
+                return
+            _handle(core, transport, build_request, message)
+        if not core.has_unfinished_requests():
+            if not idle_reported:
+                transport.send(StepOutputs(EngineCoreOutputs([], core.stats())))
+                idle_reported = True
+            wait_s = None
+            continue
+        idle_reported = False
+        try:
+            outputs = core.step()
+        except Exception as exc:  # noqa: BLE001 - the core is broken: every request is lost, the front is told
+            logger.exception("engine core step failed")
+            transport.send(EngineCoreDead(f"engine core failed: {type(exc).__name__}: {exc}", type(exc).__name__))
+            raise
+        if outputs:
+            transport.send(StepOutputs(EngineCoreOutputs(outputs, core.stats())))
+        wait_s = EMPTY_STEP_WAIT_S if not outputs and not core.has_step_in_flight() else None
+
+
+def _handle(core: EngineCore, transport: CoreTransport, build_request: RequestBuilder, message: CoreInput) -> None:
+    if isinstance(message, AddRequest):
+        try:
+            core.add_request(build_request(message))
+        except InvalidInputError as exc:
+            error = EngineCoreOutput(message.request.request_id, finish_reason=FinishReason.ERROR, error=str(exc))
+            transport.send(StepOutputs(EngineCoreOutputs([error], core.stats())))
+    elif isinstance(message, AbortRequests):
+        core.abort_requests(message.request_ids, message.reason)
+    elif isinstance(message, UtilityCall):
+        transport.send(_call_utility(core, message))
+
+
+def _call_utility(core: EngineCore, call: UtilityCall) -> UtilityResult:
+    """A method of the core by name, or (in-process cores only: it cannot cross processes) any function of it."""
+    if not callable(call.method) and call.method not in UTILITY_METHODS:
+        return UtilityResult(call.call_id, error=f"unknown engine utility {call.method!r}")
+    try:
+        if callable(call.method):
+            return UtilityResult(call.call_id, result=call.method(core, *call.args))
+        return UtilityResult(call.call_id, result=getattr(core, call.method)(*call.args))
+    except Exception as exc:  # noqa: BLE001 - the caller's call failed, not the engine
+        return UtilityResult(call.call_id, error=f"{type(exc).__name__}: {exc}")

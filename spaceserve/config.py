@@ -115,6 +115,9 @@ class EngineConfig:
     device's granularity). The smallest is used while the LM is busy, the largest while it runs few sequences;
     empty: about 36% and 73% of the device."""
     limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 16})
+    core_preprocess_min_pixels: int | None = None
+    """Images of at least this many pixels are resized, normalised and patchified by the engine core on its device
+    (just before they are encoded), the front sending their uint8 pixels; None: every image in the front."""
     attention_backend: str = "auto"
     """auto: triton on CUDA, the torch reference elsewhere."""
     enforce_eager: bool = False

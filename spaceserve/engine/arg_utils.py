@@ -66,6 +66,10 @@ class EngineArgs:
     """PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)."""
     video_decode_gpus: str | tuple[int, ...] | None = None
     """GPUs whose decoders take part: "all" or device indices (default: the engine's GPU)."""
+    gpu_preprocess_min_pixels: int | None = None
+    """Images of at least this many pixels are preprocessed by the engine core on its device (resize, normalise,
+    patchify), not in the front. Default: every image when the engine runs on CUDA, none on CPU; set to apply on any
+    device (0: every image)."""
     multiprocess: bool | None = None
     """Run the engine core in a process of its own (the default); False: in this process (tests, debugging).
     None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
@@ -80,6 +84,7 @@ class EngineArgs:
                 )
             load_format = "dummy"  # the tiny presets exist to run without weights
         max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
         return EngineConfig(
@@ -89,11 +94,12 @@ class EngineArgs:
             model_dir=str(resolved.directory),
             load_format=load_format,  # type: ignore[arg-type]
             dtype=self.dtype,
-            device=self.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=device,
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
             encoder_sms=_parse_sm_counts(self.encoder_sms),
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
+            core_preprocess_min_pixels=self._core_preprocess_min_pixels(device),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             cuda_graph_sizes=self.cuda_graph_sizes,
@@ -127,6 +133,13 @@ class EngineArgs:
                 cache_tokens=self.encoder_cache_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
             ),
         )
+
+    def _core_preprocess_min_pixels(self, device: str) -> int | None:
+        if self.gpu_preprocess_min_pixels is not None:
+            if self.gpu_preprocess_min_pixels < 0:
+                raise ConfigError(f"gpu_preprocess_min_pixels must be >= 0, got {self.gpu_preprocess_min_pixels}")
+            return self.gpu_preprocess_min_pixels
+        return 0 if torch.device(device).type == "cuda" else None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +184,13 @@ class EngineArgs:
             default=None,
             help="space: SMs for the encoder, e.g. 48 or 48,96 (a split per count: the smallest while the LM is busy, "
             "the largest while it runs few sequences); rounded to the device's granularity",
+        )
+        parser.add_argument(
+            "--gpu-preprocess-min-pixels",
+            type=int,
+            default=None,
+            help="images of at least this many pixels are resized and normalised by the engine core on its device "
+            "(default: all images when it runs on CUDA, none on CPU)",
         )
         parser.add_argument(
             "--multiprocess",

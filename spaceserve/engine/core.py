@@ -101,7 +101,7 @@ class EngineCore:
         self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device, self.layout)
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.encoder_stage = EncoderStage(config.encoder, self.model, self.device, self.layout)
+        self.encoder_stage = EncoderStage(config.encoder, self.model, self.device, self.layout, config.image_config)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
         )

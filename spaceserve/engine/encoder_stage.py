@@ -30,6 +30,7 @@ from spaceserve.config import EncoderConfig
 from spaceserve.core.request import Request
 from spaceserve.core.scheduler_output import EncoderBatch
 from spaceserve.kvcache.encoder_cache import EncoderCache
+from spaceserve.models.config import ImageProcessorConfig
 from spaceserve.runtime.embedding_store import EmbeddingStore
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
@@ -48,14 +49,19 @@ class EncoderFailedError(RuntimeError):
 
 class EncoderStage:
     def __init__(
-        self, config: EncoderConfig, model: torch.nn.Module, device: torch.device, layout: ExecutionLayout
+        self,
+        config: EncoderConfig,
+        model: torch.nn.Module,
+        device: torch.device,
+        layout: ExecutionLayout,
+        image_config: ImageProcessorConfig,
     ) -> None:
         self.device = device
         self.layout = layout
         self.cache = EncoderCache(config.cache_tokens)
         self.scheduler = EncoderScheduler(config, self.cache)
         self.embeddings = EmbeddingStore()
-        self.runner = EncoderRunner(model, device)
+        self.runner = EncoderRunner(model, device, image_config)
         self._requests: Mapping[str, Request] = {}
         # CUDA events recorded after inline batches, resolved to encoder_end_time once the LM step has synced
         self._end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []

@@ -13,13 +13,13 @@ import torch
 
 from spaceserve.config import EngineConfig
 from spaceserve.core.errors import InvalidInputError
-from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
+from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange, RawImage
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.kvcache.encoder_cache import check_fits_encoder_cache
 from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
-from spaceserve.multimodal.image import load_image, preprocess_image
+from spaceserve.multimodal.image import ProcessedImage, image_grid, load_image, preprocess_image, smart_resize
 from spaceserve.multimodal.video.inputs import VIDEO_KWARGS, ResolvedVideo, VideoSettings, resolve_video
 from spaceserve.tokenizer.base import Tokenizer
 
@@ -139,14 +139,30 @@ class InputProcessor:
         except InvalidInputError as exc:
             raise InvalidInputError(f"video {index}: {exc}") from None
 
-    def _preprocess(self, image: Any, kwargs: dict[str, Any], index: int) -> tuple[str, Any]:
+    def _preprocess(self, image: Any, kwargs: dict[str, Any], index: int) -> tuple[str, ProcessedImage]:
+        """Decode, hash and size the image; resize + normalise + patchify it here, or leave that to the engine core
+        on its device (large images with a GPU: `core_preprocess_min_pixels`), sending the uint8 pixels."""
         limits = {key: kwargs.get(key, getattr(self.image_config, key)) for key in ("min_pixels", "max_pixels")}
         try:
             rgb = load_image(image)
-            processed = preprocess_image(rgb, self.image_config, **limits)
+            threshold = self.config.core_preprocess_min_pixels
+            if threshold is not None and rgb.width * rgb.height >= threshold:
+                processed = self._raw_for_core(rgb, **limits)
+            else:
+                processed = preprocess_image(rgb, self.image_config, **limits)
         except InvalidInputError as exc:
             raise InvalidInputError(f"image {index}: {exc}") from None
         return hash_image(rgb, **limits), processed
+
+    def _raw_for_core(self, rgb: Any, min_pixels: int, max_pixels: int) -> ProcessedImage:
+        if not 0 < min_pixels <= max_pixels:
+            raise InvalidInputError(
+                f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}"
+            )
+        cfg = self.image_config
+        height, width = smart_resize(rgb.height, rgb.width, cfg.factor, min_pixels, max_pixels)
+        raw = RawImage(np.asarray(rgb), height, width)
+        return ProcessedImage(pixel_values=raw, grid_thw=image_grid(height, width, cfg), merge_size=cfg.merge_size)
 
     def _expand_placeholders(
         self, token_ids: list[int], images: list[tuple[str, Any]], videos: list[ResolvedVideo]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from spaceserve.core.errors import InvalidInputError
+from spaceserve.core.multimodal import RawImage
 from spaceserve.models.config import ImageProcessorConfig
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -134,7 +135,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    pixel_values: torch.Tensor  # float32 [grid_t*grid_h*grid_w, 3 * temporal_patch_size * patch_size**2]
+    pixel_values: torch.Tensor | RawImage
+    """float32 [grid_t*grid_h*grid_w, 3 * temporal_patch_size * patch_size**2], or the uint8 pixels and target size
+    for the engine core to preprocess on its device (pixels_to_patches)."""
     grid_thw: tuple[int, int, int]
     merge_size: int
 
@@ -168,16 +171,23 @@ def preprocess_image(
         )
     rgb = load_image(image)
     height, width = smart_resize(rgb.height, rgb.width, cfg.factor, min_pixels, max_pixels)
-
     pixels = torch.from_numpy(np.array(rgb)).to(device)  # uint8 [H, W, 3]
+    return ProcessedImage(pixels_to_patches(pixels, height, width, cfg), image_grid(height, width, cfg), cfg.merge_size)
+
+
+def image_grid(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of an image resized to height x width."""
+    return 1, height // cfg.patch_size, width // cfg.patch_size
+
+
+def pixels_to_patches(pixels: torch.Tensor, height: int, width: int, cfg: ImageProcessorConfig) -> torch.Tensor:
+    """uint8 [H, W, 3] (on any device) -> resized to height x width, normalised and patchified float32 rows on that
+    device: the vision encoder's input. The same arithmetic on every device (bit-exact with transformers)."""
     resized = resize_bicubic_like_pillow(pixels, height, width).contiguous()
     table = torch.tensor(_normalization_table(cfg.image_mean, cfg.image_std), device=resized.device)
     channel_offsets = torch.arange(3, device=resized.device) * 256
     normalized = table.view(-1)[resized.long() + channel_offsets]
-
-    grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
-    pixel_values = _patchify(normalized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    return ProcessedImage(pixel_values=pixel_values, grid_thw=(1, grid_h, grid_w), merge_size=cfg.merge_size)
+    return _patchify(normalized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
 
 
 def _patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:

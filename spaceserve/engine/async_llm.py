@@ -113,8 +113,10 @@ class AsyncLLM:
         self._outputs = OutputProcessor(self.tokenizer)
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()  # the output processor and the streams: event loops vs the output thread
-        self._stats = EngineStats(num_kv_blocks=self.info["num_kv_blocks"], num_free_kv_blocks=self.info["num_kv_blocks"])
+        num_blocks = self.info["num_kv_blocks"]
+        self._stats = EngineStats(num_kv_blocks=num_blocks, num_free_kv_blocks=num_blocks)
         self._dead_error: EngineDeadError | None = None
+        self._shutting_down = False
         self._ids = itertools.count()
         self._input_pool = ThreadPoolExecutor(
             max_workers=num_input_workers or min(4, os.cpu_count() or 1), thread_name_prefix="spaceserve-input"
@@ -219,6 +221,7 @@ class AsyncLLM:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine core; streams still open end with EngineDeadError. Safe to call twice."""
+        self._shutting_down = True
         self._client.shutdown()
         self._output_thread.join(timeout)
         self._client.close()
@@ -309,7 +312,8 @@ class AsyncLLM:
         with self._lock:
             if self._dead_error is None:
                 self._dead_error = error
-                logger.error("engine stopped: %s", error)
+                if not self._shutting_down:
+                    logger.error("engine stopped: %s", error)
             self._outputs.fail_all(str(self._dead_error))
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:

@@ -61,11 +61,14 @@ class LoopStats:
     input preparation, launches, output handling), `lm_wait_s` the time spent waiting for the device."""
 
     lm_steps: int = 0
+    lm_rows: int = 0
+    """Sequences in the LM steps, summed (lm_rows / lm_steps is the mean batch)."""
     lm_host_s: float = 0.0
     lm_wait_s: float = 0.0
     encoder_inline_s: float = 0.0
     """time: host time launching the encoder batches run inside steps (not in lm_host_s; their device time is
     waited for in the LM step that follows)."""
+    encoder_inline_batches: int = 0
     lm_gpu_s: float = 0.0
     """GPU time of LM steps (CUDA events around each step's work on its stream; 0 off CUDA)."""
     lm_gpu_gap_s: float = 0.0
@@ -138,7 +141,9 @@ class EngineCore:
             return
         self.scheduler.add_request(request)
 
-    def abort_requests(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> list[EngineCoreOutput]:
+    def abort_requests(
+        self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT
+    ) -> list[EngineCoreOutput]:
         """Finish requests early (a client that left: ABORT; a stop string the front saw: STOP); unknown or finished
         ids are ignored. Returns an output for each request that was still in flight."""
         now = time.monotonic()
@@ -182,6 +187,7 @@ class EngineCore:
             encoded = stage.run_inline(self.model_runner.stream)
             encoder_s = time.monotonic() - encoder_start
             self.loop_stats.encoder_inline_s += encoder_s
+            self.loop_stats.encoder_inline_batches += int(encoded)
             step_start += encoder_s  # kept out of lm_host_s
         scheduled = self.scheduler.schedule()
         stage.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None, num_running=self.scheduler.num_running)
@@ -202,6 +208,7 @@ class EngineCore:
         outputs = self._process_step_output(to_collect.scheduled, runner_output)
         stats = self.loop_stats
         stats.lm_steps += 1
+        stats.lm_rows += len(to_collect.scheduled.sequences)
         stats.lm_wait_s += collected - launch_done
         stats.lm_host_s += (launch_done - step_start) + (time.monotonic() - collected)
         return failed + outputs
@@ -363,6 +370,13 @@ class EngineCore:
 
 
 UTILITY_METHODS = frozenset(
-    {"describe", "loop_counters", "engine_counters", "kv_block_counts", "check_idle_integrity", "has_unfinished_requests"}
+    {
+        "describe",
+        "loop_counters",
+        "engine_counters",
+        "kv_block_counts",
+        "check_idle_integrity",
+        "has_unfinished_requests",
+    }
 )
 """The EngineCore methods a front may call by name (`call_utility`), in this process or across processes."""

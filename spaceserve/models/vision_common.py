@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.core.errors import ConfigError, InvalidInputError
 from spaceserve.layers.attention.varlen import VarlenSegments, varlen_attention
+from spaceserve.layers.triton_ops import use_fused_ops
 from spaceserve.models.config import VisionConfig
+from spaceserve.models.vision_inputs import VisionInputs, prepare_inputs
+from spaceserve.models.vision_layout import VisionLayout, build_vision_layout
 
 # Both towers rotate with theta 10000; no published config overrides it, so VisionConfig does not carry it.
 VISION_ROPE_THETA = 10_000.0
@@ -73,17 +77,20 @@ class PatchEmbed(nn.Module):
         return F.linear(pixel_values.to(weight.dtype), weight)
 
 
-def check_vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, config: VisionConfig) -> None:
+def check_vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, config: VisionConfig) -> np.ndarray:
+    """The grids as an int64 numpy array [items, 3], after checking them against each other and the pixels."""
     if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
         raise InvalidInputError(f"grid_thw must have shape [num_items, 3], got {tuple(grid_thw.shape)}")
-    grids = grid_thw.tolist()
+    grids = grid_thw.detach().to("cpu", torch.int64).numpy()
     merge = config.spatial_merge_size
-    for t, h, w in grids:
-        if t < 1 or h < 1 or w < 1 or h % merge or w % merge:
-            raise InvalidInputError(f"grid (t={t}, h={h}, w={w}) must be positive with h, w multiples of {merge}")
-    expected = (sum(t * h * w for t, h, w in grids), config.patch_dim)
+    bad = (grids < 1).any(axis=1) | (grids[:, 1] % merge != 0) | (grids[:, 2] % merge != 0)
+    if bad.any():
+        t, h, w = grids[int(np.argmax(bad))].tolist()
+        raise InvalidInputError(f"grid (t={t}, h={h}, w={w}) must be positive with h, w multiples of {merge}")
+    expected = (int(grids.prod(axis=1).sum()), config.patch_dim)
     if tuple(pixel_values.shape) != expected:
         raise InvalidInputError(f"pixel_values has shape {tuple(pixel_values.shape)}, grid_thw implies {expected}")
+    return grids
 
 
 def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -92,30 +99,16 @@ def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     return F.pad(frame_lengths.cumsum(0), (1, 0)).to(device="cpu", dtype=torch.int64)
 
 
-def merge_ordered_hw_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """[num_patches, 2] (row, column) of every patch, in the processor's merge-window order."""
-    positions = []
-    for t, h, w in grid_thw.tolist():
-        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
-        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
-        # (block_row, row_in_block, block_col, col_in_block) -> blocks outermost, then the patches inside one.
-        frame = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
-        positions.append(frame.repeat(t, 1))
-    return torch.cat(positions)
-
-
-def vision_rotary_cos_sin(
-    hw_positions: torch.Tensor, head_dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axial 2-D rotary tables, float32 [num_patches, head_dim].
+def vision_rotary_cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary tables, float32 [num_rows, head_dim], on positions' device (positions [num_rows, 2]).
 
     Each axis rotates head_dim/4 frequency pairs; the angles are laid out [rows | columns] and that half is
     repeated, matching the rotate-half convention.
     """
     axis_dim = head_dim // 2
-    inv_freq = 1.0 / (VISION_ROPE_THETA ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device) / axis_dim))
-    angles = hw_positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq  # [N, 2, head_dim/4]
-    angles = angles.flatten(1)
+    exponents = torch.arange(0, axis_dim, 2, dtype=torch.float32, device=positions.device) / axis_dim
+    inv_freq = 1.0 / (VISION_ROPE_THETA**exponents)
+    angles = (positions.to(torch.float32)[..., None] * inv_freq).flatten(1)  # [N, 2 * head_dim/4]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -132,6 +125,25 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_fused_ops(q):
+        from spaceserve.layers.triton_ops.vision_ops import vision_rotary_triton
+
+        return vision_rotary_triton(q, k, cos, sin)
+    return apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
+
+
+def apply_activation(x: torch.Tensor, name: str, up: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x), times up when given (SwiGLU); one fused launch on CUDA."""
+    if use_fused_ops(x):
+        from spaceserve.layers.triton_ops.vision_ops import ACTIVATIONS, activation_triton
+
+        if name in ACTIVATIONS:
+            return activation_triton(x, name, up)
+    out = activation(name)(x)
+    return out if up is None else out * up
+
+
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -143,7 +155,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
         num_patches = x.shape[0]
         q, k, v = self.qkv(x).view(num_patches, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin)
         return self.proj(varlen_attention(q, k, v, segments).reshape(num_patches, -1))
 
 
@@ -159,8 +171,46 @@ class PatchMerger(nn.Module):
             nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, out_dim)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Merges x, or the residual stream x + residual (the last block's output folded in by the norm)."""
+        normed = self.ln_q(x) if residual is None else self.ln_q(x, residual)[0]
+        return self.mlp(normed.reshape(-1, self.merged_dim))
+
+
+class VisionTower(nn.Module):
+    """What both towers share: the eager forward over a batch of items, and the pieces a CUDA graph of a padded
+    bucket uses (layout on the host, forward over prepared inputs on the device)."""
+
+    config: VisionConfig
+
+    @property
+    def window_side(self) -> int | None:
+        """Window edge in merge units (Qwen2.5-VL), None without window attention."""
+        return None
+
+    @property
+    def max_window_rows(self) -> int | None:
+        side = self.window_side
+        return None if side is None else side * side * self.config.spatial_merge_size**2
+
+    def layout(self, grids: np.ndarray, num_rows: int | None = None) -> VisionLayout:
+        return build_vision_layout(grids, self.config.spatial_merge_size, self.window_side, num_rows)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [num_patches, patch_dim] + grid_thw [num_items, 3] (on the host) -> [num_patches / merge**2,
+        out_hidden_size]: item i's rows follow item i-1's."""
+        layout = self.layout(check_vision_inputs(pixel_values, grid_thw, self.config))
+        inputs = prepare_inputs(layout, pixel_values.device)
+        return self.forward_prepared(pixel_values, inputs)
+
+    def forward_prepared(self, pixel_values: torch.Tensor, inputs: VisionInputs) -> torch.Tensor:
+        """[inputs.num_rows, patch_dim] -> [num_rows / merge**2, out_hidden_size], original order. Device work only
+        (no host sync, shapes fixed by inputs.num_rows), so a CUDA graph can capture it."""
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Names relative to the tower (``blocks.0.attn.qkv.weight``); see ``vision_weight_name``."""
+        return load_module_weights(self, weights)
 
 
 @torch.no_grad()

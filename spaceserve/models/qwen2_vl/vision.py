@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
-from spaceserve.layers.attention.varlen import VarlenSegments, build_varlen_segments
+from spaceserve.layers.attention.varlen import VarlenSegments
+from spaceserve.layers.layer_norm import LayerNorm
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
     VISION_NORM_EPS,
     PatchEmbed,
     PatchMerger,
     VisionAttention,
+    VisionTower,
     activation,
-    check_vision_inputs,
-    frame_cu_seqlens,
-    load_module_weights,
-    merge_ordered_hw_positions,
+    apply_activation,
     vision_rotary_cos_sin,
 )
+from spaceserve.models.vision_inputs import VisionInputs
 
 
 class Qwen2VisionMLP(nn.Module):
@@ -28,26 +26,42 @@ class Qwen2VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.act = activation(hidden_act)
+        activation(hidden_act)  # an unknown name fails here, at construction
+        self.hidden_act = hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(apply_activation(self.fc1(x), self.hidden_act))
 
 
 class Qwen2VisionBlock(nn.Module):
+    """x + attn(norm1(x)), then + mlp(norm2(.)), with each residual add folded into the norm after it: the block
+    takes the previous block's MLP output and the residual stream before it (None at the first block, where x is
+    the stream) and returns its own MLP output and stream."""
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
+        self.norm1 = LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
+        self.norm2 = LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
         self.attn = VisionAttention(config.hidden_size, config.num_heads)
         self.mlp = Qwen2VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: VarlenSegments,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = x, self.norm1(x)
+        else:
+            hidden, residual = self.norm1(x, residual)
+        hidden, residual = self.norm2(self.attn(hidden, cos, sin, segments), residual)
+        return self.mlp(hidden), residual
 
 
-class Qwen2VisionTransformer(nn.Module):
+class Qwen2VisionTransformer(VisionTower):
     """pixel_values [num_patches, patch_dim] + grid_thw [num_items, 3] -> [sum(t*h*w) / merge**2, out_hidden_size].
 
     Every frame attends only to itself; item i's output rows follow item i-1's.
@@ -59,22 +73,16 @@ class Qwen2VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList(Qwen2VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(
-            nn.LayerNorm(config.hidden_size, eps=VISION_NORM_EPS),
+            LayerNorm(config.hidden_size, eps=VISION_NORM_EPS),
             context_dim=config.hidden_size,
             out_dim=config.out_hidden_size,
             merge=config.spatial_merge_size,
         )
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        check_vision_inputs(pixel_values, grid_thw, self.config)
-        x = self.patch_embed(pixel_values)
-        positions = merge_ordered_hw_positions(grid_thw, self.config.spatial_merge_size)
-        cos, sin = vision_rotary_cos_sin(positions, self.config.head_dim, x.device)
-        frames = build_varlen_segments(frame_cu_seqlens(grid_thw).tolist(), self.config.head_dim, x.device)
+    def forward_prepared(self, pixel_values: torch.Tensor, inputs: VisionInputs) -> torch.Tensor:
+        hidden = self.patch_embed(pixel_values)
+        cos, sin = vision_rotary_cos_sin(inputs.positions, self.config.head_dim)
+        residual = None
         for block in self.blocks:
-            x = block(x, cos, sin, frames)
-        return self.merger(x)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Names relative to the tower (``blocks.0.attn.qkv.weight``); see ``vision_weight_name``."""
-        return load_module_weights(self, weights)
+            hidden, residual = block(hidden, residual, cos, sin, inputs.frames)
+        return self.merger(hidden, residual)

@@ -6,6 +6,7 @@ configurations on the GPU and says which values to put here."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,16 +89,46 @@ def varlen_tiling(max_seqlen: int) -> AttentionTiling:
     return VARLEN_SHORT_TILING if max_seqlen <= SHORT_SEGMENT_TOKENS else VARLEN_TILING
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(main, rest): the largest power of two <= head_dim, and a power of two >= 16 covering the remainder (0 when
-    head_dim is a power of two). Dots over 64 + 16 columns do 80 columns of work where one padded dot does 128."""
+def split_head_dim(head_dim: int, min_rest: int = 16) -> tuple[int, int]:
+    """(main, rest): the largest power of two <= head_dim, and a power of two >= min_rest covering the remainder (0
+    when head_dim is a power of two). Dots over 64 + 16 columns do 80 columns of work where one padded dot does 128."""
     if head_dim < 16:
         raise ValueError(f"head_dim must be >= 16, got {head_dim}")
     main = 1 << (head_dim.bit_length() - 1)
     remainder = head_dim - main
     if remainder == 0:
         return main, 0
-    return main, max(16, 1 << (remainder - 1).bit_length())
+    return main, max(min_rest, 1 << (remainder - 1).bit_length())
+
+
+HEAD_SPLITS = ("padded", "split", "split32")
+
+
+def head_dim_parts(head_dim: int, mode: str) -> tuple[int, int]:
+    """The vision varlen kernel's (main, rest) column parts for `mode` (see HEAD_SPLITS and varlen.py)."""
+    if mode == "padded":
+        if head_dim < 16:
+            raise ValueError(f"head_dim must be >= 16, got {head_dim}")
+        return 1 << (head_dim - 1).bit_length(), 0
+    if mode == "split":
+        return split_head_dim(head_dim)
+    if mode == "split32":
+        return split_head_dim(head_dim, min_rest=32)
+    raise ValueError(f"unknown head-dim split {mode!r}; known: {', '.join(HEAD_SPLITS)}")
+
+
+def _default_head_split() -> str:
+    mode = os.environ.get("SPACESERVE_VARLEN_HEAD_SPLIT", "split")
+    if mode not in HEAD_SPLITS:
+        raise ValueError(f"SPACESERVE_VARLEN_HEAD_SPLIT must be one of {', '.join(HEAD_SPLITS)}, got {mode!r}")
+    return mode
+
+
+# The vision kernel's default. "split" (80 = 64 + 16) does no dot work on padding; an earlier split kernel (c1cf0dd,
+# reverted in fcc662e) faulted on the H200, so this one masks every load by its row bounds and
+# scripts/vision_graph_check.py checks each mode in a child process before measuring. The environment variable
+# picks another mode without a code change.
+VARLEN_HEAD_SPLIT = _default_head_split()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -49,7 +49,8 @@ def _layer_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * HIDDEN + cols, (centred * inv_std * weight + bias).to(out_dtype), mask=mask)
+    normed = centred * inv_std * weight + bias
+    tl.store(out_ptr + row * HIDDEN + cols, round_to(normed, out_dtype).to(out_dtype), mask=mask)
 
 
 def _rows(x: torch.Tensor, hidden: int) -> torch.Tensor:

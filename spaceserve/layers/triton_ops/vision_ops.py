@@ -1,10 +1,10 @@
 """The vision blocks' elementwise work as one launch each: the 2-D rotary on q and k (read straight from the qkv
-projection's output), and the MLP activation (QuickGELU, GELU, SiLU; optionally times the up projection).
+projection's output), and the MLP activation (QuickGELU, or SiLU times the up projection).
 
 Each rounds where its torch reference (spaceserve.models.vision_common) rounds. The vision rotary works in float32
 and rounds once (apply_vision_rotary), so the kernel matches it exactly. The activations round every op of their
-reference's formula to the input dtype (QuickGELU is x * sigmoid(1.702 x): three rounded ops); exp and erf may
-differ from torch's by an ulp in float32."""
+reference's formula to the input dtype (QuickGELU is x * sigmoid(1.702 x): three rounded ops); exp may differ from
+torch's by an ulp in float32."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from triton.language.extra import libdevice
 
 from spaceserve.layers.triton_ops.common import launch_options, precise_math, round_to
 
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu")
+ACTIVATIONS = ("quick_gelu", "silu")  # what the towers' configs use; others take the torch path
 _ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 _BLOCK = 1024
 
@@ -32,8 +32,8 @@ def _rotate_heads(x_ptr, out_ptr, token, token_stride, head_stride, cos, sin,
     # float32 x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum rounded in float32
     out = out_ptr + token * (NUM_HEADS * 2 * HALF) + heads * (2 * HALF) + dims
     dtype = out_ptr.dtype.element_ty
-    tl.store(out, (x1 * cos + (-x2) * sin).to(dtype), mask=mask)
-    tl.store(out + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    tl.store(out, round_to(x1 * cos + (-x2) * sin, dtype).to(dtype), mask=mask)
+    tl.store(out + HALF, round_to(x2 * cos + x1 * sin, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -103,17 +103,6 @@ def _activation(x, ACT: tl.constexpr, DTYPE: tl.constexpr, PRECISE: tl.constexpr
         else:
             gate = 1.0 / (1.0 + tl.exp(-scaled))
         out = x * round_to(gate, DTYPE)
-    elif ACT == 1:  # gelu (erf), in float32
-        if PRECISE:
-            out = x * 0.5 * (1.0 + libdevice.erf(x * 0.7071067811865476))
-        else:
-            out = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 2:  # gelu, tanh approximation, in float32
-        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-        if PRECISE:
-            out = 0.5 * x * (1.0 + libdevice.tanh(inner))
-        else:
-            out = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
     else:  # silu, in float32
         if PRECISE:
             out = tl.math.div_rn(x, 1.0 + libdevice.exp(-x))

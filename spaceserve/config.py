@@ -121,8 +121,13 @@ class EngineConfig:
     attention_backend: str = "auto"
     """auto: triton on CUDA, the torch reference elsewhere."""
     enforce_eager: bool = False
+    """Never replay CUDA graphs: neither decode steps nor the vision encoder."""
     cuda_graph_sizes: tuple[int, ...] | None = None
     """Decode batch sizes captured as CUDA graphs; None: a ladder up to max_num_seqs."""
+    vision_cuda_graphs: bool = True
+    """Run encoder batches as CUDA graphs over padded patch-count buckets (CUDA with Triton; off with enforce_eager)."""
+    vision_cuda_graph_patches: tuple[int, ...] | None = None
+    """The buckets, in patches (multiples of merge**2); None: a ladder up to encoder.budget_tokens x merge**2."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

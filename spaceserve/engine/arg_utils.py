@@ -53,6 +53,8 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    disable_vision_cuda_graphs: bool = False
+    vision_cuda_graph_patches: tuple[int, ...] | None = None
     mm_processor_kwargs: dict[str, Any] | None = field(default=None, hash=False)
     """Server-wide video sampling/processing settings (fps, num_frames, min_frames, max_frames, min_pixels,
     max_pixels, max_video_tokens); a request's own mm_processor_kwargs override them."""
@@ -103,6 +105,8 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             cuda_graph_sizes=self.cuda_graph_sizes,
+            vision_cuda_graphs=not self.disable_vision_cuda_graphs,
+            vision_cuda_graph_patches=self.vision_cuda_graph_patches,
             cache=CacheConfig(
                 block_size=self.block_size,
                 enable_prefix_caching=self.enable_prefix_caching,
@@ -200,12 +204,26 @@ class EngineArgs:
             "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)",
         )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-        parser.add_argument("--enforce-eager", action="store_true", help="never run the decode step as a CUDA graph")
+        parser.add_argument(
+            "--enforce-eager", action="store_true", help="no CUDA graphs: neither decode steps nor the vision encoder"
+        )
         parser.add_argument(
             "--cuda-graph-sizes",
             type=lambda text: tuple(int(size) for size in text.split(",")),
             default=None,
             help="decode batch sizes to capture, e.g. 1,2,4,8,16 (default: a ladder up to max-num-seqs)",
+        )
+        parser.add_argument(
+            "--disable-vision-cuda-graphs",
+            action="store_true",
+            help="run the vision encoder eagerly (decode graphs stay on)",
+        )
+        parser.add_argument(
+            "--vision-cuda-graph-patches",
+            type=lambda text: tuple(int(size) for size in text.split(",")),
+            default=None,
+            help="patch-count buckets captured as vision CUDA graphs, e.g. 1024,4096,16384 (default: a ladder up to "
+            "the encoder budget x merge**2)",
         )
 
         parser.add_argument(

@@ -30,7 +30,7 @@ from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
 from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.runtime.multiplex import resolve_layout
-from spaceserve.runtime.runner_setup import build_model_runner
+from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
 
 _IDLE_DECODE_WAIT_S = 0.01
@@ -100,11 +100,16 @@ class EngineCore:
         )
         # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
         self.layout = resolve_layout(config, self.device)
-        # profiles memory on CUDA, sizes and allocates the KV cache, captures decode CUDA graphs (per LM stream)
-        self.model_runner, self.memory_plan = build_model_runner(config, self.model, self.dtype, self.device, self.layout)
+        # profiles memory on CUDA, captures vision CUDA graphs (per encoder stream), sizes and allocates the KV cache,
+        # captures decode CUDA graphs (per LM stream)
+        self.model_runner, vision_graphs, self.memory_plan = build_runners(
+            config, self.model, self.dtype, self.device, self.layout
+        )
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.encoder_stage = EncoderStage(config.encoder, self.model, self.device, self.layout, config.image_config)
+        self.encoder_stage = EncoderStage(
+            config.encoder, self.model, self.device, self.layout, config.image_config, vision_graphs=vision_graphs
+        )
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
         )

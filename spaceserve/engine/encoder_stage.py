@@ -36,6 +36,7 @@ from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
 from spaceserve.runtime.sm_partition import SMPartition
+from spaceserve.runtime.vision_graphs import VisionCUDAGraphs
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -55,13 +56,14 @@ class EncoderStage:
         device: torch.device,
         layout: ExecutionLayout,
         image_config: ImageProcessorConfig,
+        vision_graphs: VisionCUDAGraphs | None = None,
     ) -> None:
         self.device = device
         self.layout = layout
         self.cache = EncoderCache(config.cache_tokens)
         self.scheduler = EncoderScheduler(config, self.cache)
         self.embeddings = EmbeddingStore()
-        self.runner = EncoderRunner(model, device, image_config)
+        self.runner = EncoderRunner(model, device, image_config, vision_graphs)
         self._requests: Mapping[str, Request] = {}
         # CUDA events recorded after inline batches, resolved to encoder_end_time once the LM step has synced
         self._end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []

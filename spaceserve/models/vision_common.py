@@ -77,16 +77,24 @@ class PatchEmbed(nn.Module):
         return F.linear(pixel_values.to(weight.dtype), weight)
 
 
-def check_vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, config: VisionConfig) -> np.ndarray:
-    """The grids as an int64 numpy array [items, 3], after checking them against each other and the pixels."""
-    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-        raise InvalidInputError(f"grid_thw must have shape [num_items, 3], got {tuple(grid_thw.shape)}")
-    grids = grid_thw.detach().to("cpu", torch.int64).numpy()
+def check_vision_grids(grids: np.ndarray, config: VisionConfig) -> np.ndarray:
+    """grids [items, 3] (t, h, w) as int64 numpy, after checking each is positive with h, w multiples of the merge."""
+    grids = np.asarray(grids, dtype=np.int64)
+    if grids.ndim != 2 or grids.shape[1] != 3:
+        raise InvalidInputError(f"grid_thw must have shape [num_items, 3], got {tuple(grids.shape)}")
     merge = config.spatial_merge_size
     bad = (grids < 1).any(axis=1) | (grids[:, 1] % merge != 0) | (grids[:, 2] % merge != 0)
     if bad.any():
         t, h, w = grids[int(np.argmax(bad))].tolist()
         raise InvalidInputError(f"grid (t={t}, h={h}, w={w}) must be positive with h, w multiples of {merge}")
+    return grids
+
+
+def check_vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, config: VisionConfig) -> np.ndarray:
+    """The grids as an int64 numpy array [items, 3], after checking them against each other and the pixels."""
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise InvalidInputError(f"grid_thw must have shape [num_items, 3], got {tuple(grid_thw.shape)}")
+    grids = check_vision_grids(grid_thw.detach().to("cpu", torch.int64).numpy(), config)
     expected = (int(grids.prod(axis=1).sum()), config.patch_dim)
     if tuple(pixel_values.shape) != expected:
         raise InvalidInputError(f"pixel_values has shape {tuple(pixel_values.shape)}, grid_thw implies {expected}")

@@ -184,8 +184,10 @@ def view_inputs(buffer: torch.Tensor, spec: StagingSpec, layout: VisionLayout | 
             )  # fmt: skip
         elif spec.row_segments:
             segments[kind] = VarlenSegments(spec.num_rows, cu, bounds, row_segments=view(f"{kind}.row_segments"))
-        else:
+        elif bounds is not None:
             segments[kind] = VarlenSegments(spec.num_rows, cu, bounds, torch_groups=torch_segment_groups(bounds, buffer.device))
+        else:
+            raise ValueError("the eager torch path needs the batch's layout (its segments' host bounds)")
     windows = spec.has_windows
     return VisionInputs(
         spec.num_rows,

@@ -6,13 +6,18 @@ with the largest image the processor allows) and one eager decode step at the la
 in for the graph pool). Then
 
     KV bytes = total x gpu_memory_utilization - non-torch usage - weights - peak activations
-               - CUDA-graph estimate - encoder cache
+               - CUDA-graph estimate - vision CUDA graphs - encoder cache
 
 and the number of blocks is KV bytes // bytes per block. The encoder cache is counted at its capacity
 (EncoderConfig.cache_tokens rows of the LM hidden size). `time` multiplexing never runs the encoder and the LM
 at once, so their peaks overlap (max); concurrent modes add them. PyTorch's caching allocator keeps each stream's
 freed blocks for that stream, so a stage that runs on several streams (space: the LM on the whole device and on its
 partition) is counted once per stream, and so is each set of decode graphs.
+
+Vision CUDA graphs are captured before the KV cache is sized, and what each stream's set holds (its buffers and
+its graphs' private pool) is measured and reserved. Their pools are not shared with the LM's activations, so they
+add to the peaks in every mode. When every batch the encoder can be given fits the largest bucket, the encoder never
+runs eagerly and its eager peak is not reserved.
 
 Overrides: `num_gpu_blocks` fixes the count, `kv_cache_memory_bytes` fixes the bytes (no profiling); on CPU the
 default is 1 GiB capped at max_num_seqs x max_model_len.
@@ -87,6 +92,7 @@ class MemoryPlan:
     lm_peak_bytes: int = 0
     encoder_peak_bytes: int = 0
     cuda_graph_bytes: int = 0
+    vision_graph_bytes: int = 0
     encoder_cache_bytes: int = 0
 
     def summary(self) -> str:
@@ -97,7 +103,8 @@ class MemoryPlan:
             f"{self.total_bytes * self.gpu_memory_utilization / _GIB:.2f} GiB; non-torch {self.non_torch_bytes / _GIB:.2f}, "
             f"weights {self.weights_bytes / _GIB:.2f}, peak activations {self.peak_activation_bytes / _GIB:.2f} "
             f"(LM {self.lm_peak_bytes / _GIB:.2f}, encoder {self.encoder_peak_bytes / _GIB:.2f}), "
-            f"CUDA graphs {self.cuda_graph_bytes / _GIB:.2f}, encoder cache {self.encoder_cache_bytes / _GIB:.2f} "
+            f"CUDA graphs {self.cuda_graph_bytes / _GIB:.2f}, vision CUDA graphs {self.vision_graph_bytes / _GIB:.2f}, "
+            f"encoder cache {self.encoder_cache_bytes / _GIB:.2f} "
             f"-> KV cache {self.kv_cache_bytes / _GIB:.2f} GiB = {self.num_kv_blocks} blocks"
         )
 
@@ -162,11 +169,15 @@ def plan_memory(
     profiled: ProfiledMemory | None = None,
     lm_streams: int = 1,
     encoder_streams: int = 0,
+    vision_graph_bytes: int = 0,
+    encoder_runs_eagerly: bool = True,
 ) -> MemoryPlan:
     """The plan from the overrides, or from `profiled` measurements (CUDA with gpu_memory_utilization).
 
     `lm_streams`: streams the language model runs (and captures decode graphs) on; `encoder_streams`: streams the
-    encoder runs on concurrently with the LM, 0 when it runs inside the LM's step (time multiplexing)."""
+    encoder runs on concurrently with the LM, 0 when it runs inside the LM's step (time multiplexing);
+    `vision_graph_bytes`: what the vision CUDA graphs of every stream hold, measured; `encoder_runs_eagerly`: False
+    when every encoder batch replays a graph, so the eager encoder peak needs no room."""
     min_blocks = -(-scheduler.max_model_len // cache.block_size)
     if cache.num_gpu_blocks is not None:
         blocks = cache.num_gpu_blocks
@@ -189,11 +200,15 @@ def plan_memory(
         raise ValueError("sizing the KV cache from gpu_memory_utilization needs profiled memory")
 
     lm_peak = profiled.lm_peak_bytes * lm_streams
-    encoder_peak = profiled.encoder_peak_bytes * encoder_streams
-    peak = lm_peak + encoder_peak if encoder_streams else max(lm_peak, profiled.encoder_peak_bytes)
+    encoder_alone = profiled.encoder_peak_bytes if encoder_runs_eagerly else 0
+    encoder_peak = encoder_alone * encoder_streams
+    peak = lm_peak + encoder_peak if encoder_streams else max(lm_peak, encoder_alone)
     graph_bytes = profiled.cuda_graph_bytes * lm_streams
     usable = math.floor(profiled.total_bytes * cache.gpu_memory_utilization)
-    kv_bytes = usable - profiled.non_torch_bytes - profiled.weights_bytes - peak - graph_bytes - encoder_cache_bytes
+    kv_bytes = (
+        usable - profiled.non_torch_bytes - profiled.weights_bytes - peak - graph_bytes - vision_graph_bytes
+        - encoder_cache_bytes
+    )  # fmt: skip
     blocks = max(kv_bytes, 0) // bytes_per_block
     plan = MemoryPlan(
         source="profiled",
@@ -206,8 +221,9 @@ def plan_memory(
         weights_bytes=profiled.weights_bytes,
         peak_activation_bytes=peak,
         lm_peak_bytes=lm_peak,
-        encoder_peak_bytes=encoder_peak if encoder_streams else profiled.encoder_peak_bytes,
+        encoder_peak_bytes=encoder_peak if encoder_streams else encoder_alone,
         cuda_graph_bytes=graph_bytes,
+        vision_graph_bytes=vision_graph_bytes,
         encoder_cache_bytes=encoder_cache_bytes,
     )
     if blocks < min_blocks:
@@ -216,7 +232,7 @@ def plan_memory(
             f"the model does not fit: {plan.summary()}; one sequence of max_model_len={scheduler.max_model_len} "
             f"needs {min_blocks} blocks ({need / _GIB:.2f} GiB). Raise gpu_memory_utilization or lower "
             f"max_num_batched_tokens (prefill peak), the encoder budget_tokens (encoder peak), encoder cache_tokens, "
-            f"max_num_seqs / cuda_graph_sizes, or max_model_len"
+            f"max_num_seqs / cuda_graph_sizes, the vision CUDA-graph buckets, or max_model_len"
         )
     return plan
 

@@ -64,6 +64,12 @@ class ExecutionLayout:
         return tuple(streams + [p.lm_stream for p in self.partitions])
 
     @property
+    def encoder_streams(self) -> tuple[torch.cuda.Stream, ...]:
+        """Every stream the encoder runs on concurrently with the LM (time: none, it runs on the LM's stream)."""
+        streams = [self.encoder_stream, self.encoder_full_stream, *(p.encoder_stream for p in self.partitions)]
+        return tuple(s for s in streams if s is not None)
+
+    @property
     def num_encoder_streams(self) -> int:
         """Streams the encoder runs on concurrently with the LM (0: inside the LM's step)."""
         if not self.concurrent:

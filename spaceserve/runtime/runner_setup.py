@@ -1,14 +1,15 @@
-"""Builds the model runner for an engine: attention backend, memory plan (profiling on CUDA), KV cache, CUDA
-graphs. The engine calls `build_model_runner` once at start-up."""
+"""Builds the runners for an engine: attention backend, memory plan (profiling on CUDA), vision CUDA graphs on every
+stream the encoder runs on, KV cache, decode CUDA graphs. The engine calls `build_runners` once at start-up."""
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
 from spaceserve.config import EngineConfig
-from spaceserve.layers.attention import AttentionBackend, get_attention_backend
+from spaceserve.layers.attention import AttentionBackend, get_attention_backend, triton_available
 from spaceserve.runtime.cuda_graphs import cuda_graph_batch_sizes
 from spaceserve.runtime.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from spaceserve.runtime.memory_planner import (
@@ -20,8 +21,16 @@ from spaceserve.runtime.memory_planner import (
 )
 from spaceserve.runtime.model_runner import ModelRunner
 from spaceserve.runtime.multiplex import ExecutionLayout
+from spaceserve.runtime.vision_graphs import GraphCapture, VisionCUDAGraphs, cuda_graph_capture, vision_graph_buckets
 
 logger = logging.getLogger(__name__)
+
+
+class Runners(NamedTuple):
+    model_runner: ModelRunner
+    vision_graphs: VisionCUDAGraphs | None
+    """The encoder's graph sets by stream, for the EncoderRunner; None when the encoder runs eagerly."""
+    memory_plan: MemoryPlan
 
 
 def decode_graph_sizes(config: EngineConfig, backend: AttentionBackend, device: torch.device) -> tuple[int, ...]:
@@ -31,13 +40,32 @@ def decode_graph_sizes(config: EngineConfig, backend: AttentionBackend, device: 
     return cuda_graph_batch_sizes(config.scheduler.max_num_seqs, config.cuda_graph_sizes)
 
 
-def build_model_runner(
+def vision_graph_patch_buckets(config: EngineConfig, device: torch.device) -> tuple[int, ...]:
+    """The vision buckets to capture; none when eager is forced or vision graphs are off, off CUDA, or without Triton
+    (a graph's torch attention path is dense, for CPU tests only)."""
+    if config.enforce_eager or not config.vision_cuda_graphs or device.type != "cuda" or not triton_available():
+        return ()
+    merge = config.model_config.vision.spatial_merge_size
+    return vision_graph_buckets(config.encoder.budget_tokens, merge, config.vision_cuda_graph_patches)
+
+
+def encoder_runs_eagerly(config: EngineConfig, graphs: VisionCUDAGraphs | None) -> bool:
+    """Whether any batch the encoder can be given is larger than the largest bucket: a batch is at most the
+    budget, or one item alone, which the encoder cache (cache_tokens) bounds."""
+    if graphs is None:
+        return True
+    unit = config.model_config.vision.spatial_merge_size ** 2
+    return max(config.encoder.budget_tokens, config.encoder.cache_tokens) * unit > graphs.max_patches
+
+
+def build_runners(
     config: EngineConfig,
     model: torch.nn.Module,
     dtype: torch.dtype,
     device: torch.device,
     layout: ExecutionLayout,
-) -> tuple[ModelRunner, MemoryPlan]:
+    vision_graph_capture: GraphCapture = cuda_graph_capture,
+) -> Runners:
     text = config.model_config.text
     block_size = config.cache.block_size
     sched = config.scheduler
@@ -67,6 +95,17 @@ def build_model_runner(
             cuda_graph_buffer_bytes=largest_graph * text.vocab_size * 4,
         )
         torch.cuda.empty_cache()
+    vision_graphs = None
+    buckets = vision_graph_patch_buckets(config, device)
+    if buckets:
+        # time mode runs the encoder on the LM's stream, the others on streams of their own
+        encoder_streams = layout.encoder_streams if layout.concurrent else (runner.stream,)
+        vision_graphs = VisionCUDAGraphs(model.visual, buckets, device, dtype, capture=vision_graph_capture)
+        vision_graphs.capture_on(encoder_streams)
+        logger.info(
+            "captured vision CUDA graphs for %d patch buckets (%d..%d) on %d stream(s), %.2f GiB",
+            len(buckets), buckets[0], buckets[-1], len(encoder_streams), vision_graphs.total_memory_bytes / (1 << 30),
+        )  # fmt: skip
     plan = plan_memory(
         config.cache,
         sched,
@@ -76,6 +115,8 @@ def build_model_runner(
         profiled=profiled,
         lm_streams=max(1, len(layout.lm_streams)),
         encoder_streams=layout.num_encoder_streams,
+        vision_graph_bytes=vision_graphs.total_memory_bytes if vision_graphs is not None else 0,
+        encoder_runs_eagerly=encoder_runs_eagerly(config, vision_graphs),
     )
     logger.info(plan.summary())
     runner.initialize_kv_caches(allocate_kv_caches(text, plan.num_kv_blocks, block_size, dtype, device))
@@ -83,4 +124,4 @@ def build_model_runner(
         other_streams = tuple(s for s in layout.lm_streams if s != runner.stream)
         runner.capture_cuda_graphs(graph_sizes, other_streams)
         logger.info("captured decode CUDA graphs for batch sizes %s on %d stream(s)", graph_sizes, 1 + len(other_streams))
-    return runner, plan
+    return Runners(runner, vision_graphs, plan)

@@ -99,7 +99,7 @@ def test_graphed_decode_on_the_tiny_parity_checkpoints(architecture, tmp_path):
 def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
     from spaceserve.runtime.multiplex import ExecutionLayout
     from spaceserve.runtime.sm_partition import SMPartition
-    from spaceserve.runtime.runner_setup import build_model_runner
+    from spaceserve.runtime.runner_setup import build_runners
 
     prompts = _prompts(np.random.default_rng(3), 5)
     expected, _ = _generate("tiny-qwen2-vl", prompts, attention_backend="triton", cuda_graph_sizes=SIZES)
@@ -107,10 +107,10 @@ def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
                    enforce_eager=True)
     engine = llm.llm_engine
     side, other = torch.cuda.Stream(), torch.cuda.Stream()
-    config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES)
+    config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES, vision_cuda_graphs=False)
     split = SMPartition(encoder_sms=0, lm_sms=0, total_sms=0, encoder_stream=other, lm_stream=other)  # its LM side
     layout = ExecutionLayout("time", "time", "test", lm_stream=side, partitions=(split,))
-    runner, plan = build_model_runner(config, engine.core.model, engine.dtype, engine.core.device, layout)
+    runner, _, plan = build_runners(config, engine.core.model, engine.dtype, engine.core.device, layout)
     assert plan.num_kv_blocks == engine.core.num_kv_blocks
     assert runner.stream == side and runner.cuda_graphs.stream == side
     engine.core.model_runner = runner

@@ -19,13 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from spaceserve.layers.attention.triton.common import (
-    LOG2E,
-    VARLEN_HEAD_SPLIT,
-    AttentionTiling,
-    dot_precision,
-    head_dim_parts,
-)
+from spaceserve.layers.attention.triton import common
+from spaceserve.layers.attention.triton.common import LOG2E, AttentionTiling, dot_precision, head_dim_parts
 
 
 @triton.jit
@@ -183,7 +178,8 @@ def varlen_attention(
 
     work_count: a [1] int32 device tensor saying how many rows of `work` are valid (default: all of them);
     num_programs: programs along the work items (default: one per row of `work`); head_split: "padded", "split"
-    or "split32" (default VARLEN_HEAD_SPLIT). Rows of `out` outside every listed item are left untouched."""
+    or "split32" (default common.VARLEN_HEAD_SPLIT, read per call). Rows of `out` outside every listed item are
+    left untouched."""
     for x in (query, key, value):
         if x.stride(2) != 1:
             raise ValueError("varlen attention needs the head dimension contiguous")
@@ -198,7 +194,7 @@ def varlen_attention(
     if work_count is None:
         work_count = torch.full((1,), work.shape[0], dtype=torch.int32, device=work.device)
     num_heads, head_dim = query.shape[1], query.shape[2]
-    d_main, d_rest = head_dim_parts(head_dim, head_split or VARLEN_HEAD_SPLIT)
+    d_main, d_rest = head_dim_parts(head_dim, head_split or common.VARLEN_HEAD_SPLIT)
     _varlen_attention_kernel[(num_programs, num_heads)](
         out,
         query,

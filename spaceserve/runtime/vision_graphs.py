@@ -22,7 +22,6 @@ re-runs the captured callable over the same fixed buffers, so everything but the
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ import torch
 from spaceserve.core.errors import ConfigError, InvalidInputError
 from spaceserve.models.vision_common import VisionTower, check_vision_grids
 from spaceserve.models.vision_inputs import StagingSpec, bucket_spec, pack, view_inputs
-
-logger = logging.getLogger(__name__)
 
 BUCKET_GRANULE = 256
 """Ladder buckets are multiples of this many patches (so also of merge**2 and of the padding segments)."""

@@ -97,6 +97,30 @@ def test_profiled_plan_gives_the_kv_cache_what_is_left():
     assert str(plan.num_kv_blocks) in plan.summary()
 
 
+def test_vision_graphs_are_reserved_and_replace_the_eager_encoder_peak_when_every_batch_fits():
+    rng = random.Random(5)
+    total, non_torch, weights = 80 * GIB, rng.randint(1, 900) << 20, rng.randint(4, 30) * GIB
+    lm, encoder = rng.randint(1, 4000) << 20, rng.randint(1, 4000) << 20
+    vision = rng.randint(1, 3000) << 20
+    device = FakeDevice(total, non_torch, weights)
+    profiled = profile_memory(device, device.run(lm), device.run(encoder), None)
+    cache, per_block = CacheConfig(gpu_memory_utilization=0.9), 1 << 20
+    usable = int(total * 0.9) - non_torch - weights
+
+    def plan(**kwargs):
+        return plan_memory(cache, SchedulerConfig(), per_block, device_type="cuda", encoder_cache_bytes=0,
+                           profiled=profiled, **kwargs)  # fmt: skip
+
+    time_graphed = plan(vision_graph_bytes=vision, encoder_runs_eagerly=False)
+    assert time_graphed.vision_graph_bytes == vision and time_graphed.encoder_peak_bytes == 0
+    assert time_graphed.num_kv_blocks == (usable - lm - vision) // per_block  # the graph pool is not shared with the LM
+    time_eager_too = plan(vision_graph_bytes=vision, encoder_runs_eagerly=True)  # a batch can exceed the last bucket
+    assert time_eager_too.num_kv_blocks == (usable - max(lm, encoder) - vision) // per_block
+    space = plan(lm_streams=2, encoder_streams=3, vision_graph_bytes=3 * vision, encoder_runs_eagerly=False)
+    assert space.num_kv_blocks == (usable - 2 * lm - 3 * vision) // per_block
+    assert "vision CUDA graphs" in space.summary()
+
+
 def test_a_model_that_does_not_fit_names_the_numbers_and_what_to_lower():
     device = FakeDevice(24 * GIB, 500 << 20, 16 * GIB)
     profiled = profile_memory(device, device.run(5 * GIB), device.run(1 * GIB), None)

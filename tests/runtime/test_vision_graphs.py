@@ -48,6 +48,35 @@ def test_the_default_ladder_ends_at_the_encoder_budget():
         vision_graph_buckets(8192, 2, (1026,))
 
 
+def test_the_engine_settings_choose_the_buckets_and_whether_the_encoder_still_runs_eagerly():
+    import argparse
+    import dataclasses
+
+    from spaceserve.engine.arg_utils import EngineArgs
+    from spaceserve.runtime.runner_setup import encoder_runs_eagerly, vision_graph_patch_buckets
+
+    config = EngineArgs("tiny-qwen2-vl", encoder_budget_tokens=512, encoder_cache_tokens=512).create_engine_config()
+    cuda = torch.device("cuda")  # only its type is read
+    assert vision_graph_patch_buckets(config, CPU) == ()
+    assert vision_graph_patch_buckets(dataclasses.replace(config, enforce_eager=True), cuda) == ()
+    assert vision_graph_patch_buckets(dataclasses.replace(config, vision_cuda_graphs=False), cuda) == ()
+    pytest.importorskip("triton")
+    buckets = vision_graph_patch_buckets(config, cuda)
+    assert buckets[-1] == 512 * 4
+    graphs = VisionCUDAGraphs(_tower("tiny-qwen2-vl"), buckets, CPU, torch.float32, capture=eager_replay)
+    assert not encoder_runs_eagerly(config, graphs)
+    assert encoder_runs_eagerly(dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, cache_tokens=600)), graphs)
+    assert encoder_runs_eagerly(config, None)
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["tiny-qwen2-vl", "--disable-vision-cuda-graphs", "--vision-cuda-graph-patches", "1024,256"]))
+    parsed = args.create_engine_config()
+    assert parsed.vision_cuda_graphs is False and parsed.vision_cuda_graph_patches == (1024, 256)
+    assert vision_graph_patch_buckets(dataclasses.replace(parsed, vision_cuda_graphs=True), cuda) == (256, 1024)
+
+
 def _tower(preset: str, seed: int = 3) -> torch.nn.Module:
     config = ModelConfig.from_hf_dict(json.loads((PRESETS_DIR / preset / "config.json").read_text())).vision
     tower = (Qwen2VisionTransformer if preset == "tiny-qwen2-vl" else Qwen2_5_VisionTransformer)(config)

@@ -7,8 +7,9 @@
 2. Correctness, in child processes at once (a fault stays in its child): each head-split mode of the varlen kernel
    (padded 128, split 64+16, split32 64+32) at Qwen2-VL sizes as the graphs launch it (fixed grid, device work count,
    stale work rows), repeated; compute-sanitizer memcheck of the default mode on small cases; the GPU tests of this
-   area (pytest: vision graphs on a stream, an SM-partition stream and in time mode; the fused kernels; the varlen
-   kernel in every mode and tiling, including the float32 tilings that left rows unwritten before, xfail).
+   area (pytest: vision graphs on a stream, an SM-partition stream and in time mode; the layout, the fused kernels
+   and the varlen kernel in every mode and tiling, including the float32 tilings that left rows unwritten before,
+   xfail there).
 3. Measurements, alone, with the default head split if its check passed (else the best mode that did): for the
    Qwen2-VL-2B, Qwen2-VL-7B and Qwen2.5-VL-3B towers (dummy weights, bf16), at 9216 patches (one 1344x1344 image)
    and at a mixed batch (four images of 336-672 px and a 4-frame video, 6080 patches): eager vs graphed embeddings
@@ -291,15 +292,11 @@ def start_checks(out: Path, smoke: bool) -> dict:
     ]  # fmt: skip
     children["memcheck"] = _spawn(sanitizer, out / "memcheck.txt")
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEX"]
-    children["pytest-graphs"] = _spawn(
-        pytest + ["-m", "gpu", "tests/runtime/test_vision_graphs.py", "tests/models/test_vision_layout.py"]
-        + ["tests/layers/test_vision_fused_ops.py"],
-        out / "pytest_graphs.txt",
-    )
-    children["pytest-varlen"] = _spawn(
-        pytest + ["tests/layers/test_vision_varlen.py", "tests/layers/test_triton_attention.py", "-k", "varlen or split"],
-        out / "pytest_varlen.txt",
-    )
+    children["pytest-graphs"] = _spawn(pytest + ["-m", "gpu", "tests/runtime/test_vision_graphs.py"], out / "pytest_graphs.txt")
+    # the kernels: fused ops and layout first, the varlen kernel (every mode) last, so a fault there loses nothing else
+    kernels = ["tests/models/test_vision_layout.py", "tests/layers/test_vision_fused_ops.py",
+               "tests/layers/test_vision_varlen.py", "tests/layers/test_triton_attention.py"]  # fmt: skip
+    children["pytest-kernels"] = _spawn(pytest + kernels + ["-k", "vision or varlen or split"], out / "pytest_kernels.txt")
     return children
 
 

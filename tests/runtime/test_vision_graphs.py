@@ -299,7 +299,11 @@ def test_cuda_graphs_on_an_sm_partition_stream_match_eager(_):
 
 @pytest.mark.parametrize("_", [pytest.param(None, id="gpu", marks=gpu_only)])
 def test_time_mode_runs_the_encoder_graphs_on_the_lm_runners_stream(_):
-    llm = make_llm("tiny-qwen2-vl", max_model_len=512, dtype="float32", encoder_budget_tokens=256)
+    from spaceserve import LLM
+
+    # a profiled memory plan (make_llm fixes the KV bytes, which skips the plan's deductions)
+    llm = LLM("tiny-qwen2-vl", max_model_len=512, max_num_seqs=8, dtype="float32", encoder_budget_tokens=256,
+              gpu_memory_utilization=0.25, cuda_graph_sizes=(1, 2))  # fmt: skip
     core = llm.llm_engine.core
     graphs = core.encoder_stage.runner.vision_graphs
     assert graphs is not None and graphs.streams() == (core.model_runner.stream,)

@@ -371,7 +371,7 @@ def measure_model(name: str, device: torch.device, dtype: torch.dtype, smoke: bo
     graphs.capture_on([stream])
     result = {
         "model": name, "buckets": list(buckets), "capture_s": time.perf_counter() - begin,
-        "graph_bytes": graphs.memory_bytes[stream], "head_split": head_split, "batches": {},
+        "graph_bytes": graphs.memory_bytes(stream), "head_split": head_split, "batches": {},
     }  # fmt: skip
     model = _Model(tower)
     images = resolve_model(name).image_config
@@ -430,7 +430,7 @@ def capture_ladder(tower, ladder, device, dtype, streams, kwargs) -> dict:
         begin = time.perf_counter()
         graphs.capture_on([stream])
         per_stream.append({"stream": label, "capture_s": time.perf_counter() - begin,
-                           "bytes": graphs.memory_bytes[stream]})  # fmt: skip
+                           "bytes": graphs.memory_bytes(stream)})  # fmt: skip
     return {"buckets": len(ladder), "largest": ladder[-1], "streams": per_stream}
 
 

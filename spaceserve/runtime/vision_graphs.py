@@ -210,8 +210,9 @@ class VisionCUDAGraphs:
         self.dtype = dtype
         self.capture = capture
         self.use_triton = default_use_triton(self.device) if use_triton is None else use_triton
-        self._sets: dict[torch.cuda.Stream | None, VisionGraphSet] = {}
-        self.memory_bytes: dict[torch.cuda.Stream | None, int] = {}
+        # keyed by the raw stream handle: torch.cuda.current_stream() gives a new object for the same stream
+        self._sets: dict[int | None, VisionGraphSet] = {}
+        self._memory: dict[int | None, int] = {}
 
     @property
     def max_patches(self) -> int:
@@ -219,13 +220,18 @@ class VisionCUDAGraphs:
 
     @property
     def total_memory_bytes(self) -> int:
-        return sum(self.memory_bytes.values())
+        return sum(self._memory.values())
+
+    def memory_bytes(self, stream: torch.cuda.Stream | None) -> int:
+        """What the set captured on `stream` holds on the device (its buffers and its graphs' pool)."""
+        return self._memory[_key(stream)]
 
     def capture_on(self, streams: Sequence[torch.cuda.Stream | None]) -> None:
         """Capture a set on each stream (None: no stream, CPU tests) not captured yet."""
         on_cuda = self.device.type == "cuda"
         for stream in streams:
-            if stream in self._sets:
+            key = _key(stream)
+            if key in self._sets:
                 continue
             if on_cuda:
                 torch.cuda.synchronize(self.device)
@@ -238,18 +244,22 @@ class VisionCUDAGraphs:
                 stream.synchronize()
             else:
                 graph_set.capture(self.capture, pool)
-            self._sets[stream] = graph_set
+            self._sets[key] = graph_set
             if on_cuda:
                 torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs' pool and the buffers stay
-                self.memory_bytes[stream] = max(torch.cuda.memory_reserved(self.device) - before, 0)
+                self._memory[key] = max(torch.cuda.memory_reserved(self.device) - before, 0)
             else:
-                self.memory_bytes[stream] = 0
+                self._memory[key] = 0
 
     def for_stream(self, stream: torch.cuda.Stream | None) -> VisionGraphSet | None:
-        return self._sets.get(stream)
+        return self._sets.get(_key(stream))
 
     def streams(self) -> tuple[torch.cuda.Stream | None, ...]:
-        return tuple(self._sets)
+        return tuple(graph_set.stream for graph_set in self._sets.values())
+
+
+def _key(stream: torch.cuda.Stream | None) -> int | None:
+    return None if stream is None else int(stream.cuda_stream)
 
 
 def check_item_pixels(pixel_values: Sequence[torch.Tensor], grids: np.ndarray, patch_dim: int) -> None:

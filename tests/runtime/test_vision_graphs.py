@@ -262,7 +262,7 @@ def test_cuda_graphs_on_a_side_stream_match_eager(preset, _):
     stream = torch.cuda.Stream(device)
     graphs = VisionCUDAGraphs(tower, (256, 1024), device, torch.float32)
     graphs.capture_on([stream])
-    assert graphs.memory_bytes[stream] > 0
+    assert graphs.memory_bytes(stream) > 0
     runner = EncoderRunner(_Model(tower), device, IMAGES, graphs)
     rng = np.random.default_rng(random.randrange(2**31))
     for grids in list(MIXES.values()) + [[(1, 32, 32)], [(1, 40, 40)]]:  # the last exceeds 1024: eager

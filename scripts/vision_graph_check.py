@@ -21,6 +21,8 @@
    SM-partition stream where green contexts work).
 4. DIR/summary.json, DIR/summary.md (the table, printed last), logs of the children.
 
+The head-split check is scripts/varlen_split_check.py, the tower measurements scripts/vision_tower_bench.py.
+
 Expected (written before the first run; docs/PERFORMANCE.md "Vision tower" has the reasoning):
 - Host ms per batch: eager ~15-35 ms (about 300 launches now that the elementwise chains are fused; was 85-130 ms
   with ~1000 launches and per-item Python metadata); graphed 0.5-1.5 ms (vectorised layout and packing ~0.3-0.6 ms
@@ -46,7 +48,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -54,81 +55,17 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(SCRIPTS))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from vision_tower_bench import attention_alone, ladder_streams, measure_model  # noqa: E402
 
 BUDGET_S = 235
 MODELS = ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct")
 SMOKE_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
-ONE_IMAGE = [(1, 96, 96)]  # 1344 x 1344 px: 9216 patches
-MIXED = [(1, 32, 32), (1, 32, 32), (1, 48, 32), (1, 24, 40), (4, 16, 24)]  # 6080 patches
-SMOKE_ONE, SMOKE_MIXED = [(1, 16, 16)], [(1, 8, 8), (1, 6, 10), (2, 4, 6)]
-DEFAULT_BUDGET_TOKENS = 16384  # the engine's default for these models: max(8192, the largest image's tokens)
-TIMED, WARMUP = 5, 2
 GIB = float(1 << 30)
-
-
-# ---- child: one head-split mode of the varlen kernel -----------------------------------------------------------------
-
-
-def split_check(mode: str, small: bool) -> dict:
-    """The kernel as a graph launches it (fixed grid, work count on the device, stale rows past it), repeated, against
-    per-segment SDPA in float32; every output row must be written and finite."""
-    from spaceserve.layers.attention.triton import varlen_attention, varlen_tiling
-    from spaceserve.models.vision_inputs import graph_num_programs
-    from spaceserve.models.vision_layout import cu_seqlens, work_items
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        import tests.conftest  # noqa: F401  - the interpreter's loop-bound fix the CPU tests use (smoke runs only)
-    heads = 2 if device.type == "cpu" else 16
-    cases = {
-        "one-image-9216": [9216],
-        "mixed": [1024] * 8 + [64] * 16 + [300, 1],
-        "windows": [64] * 144 + [16, 32, 48, 4],
-        "video-frames": [748] * 24,
-    }
-    if small:
-        cases = {"small-mixed": [300, 64, 17, 1, 130], "small-windows": [64] * 9 + [16, 4]}
-    dtypes = [torch.bfloat16] + ([torch.float32] if small else [])
-    repeats = 3 if small else 10
-    if device.type == "cpu":  # the interpreter, for --smoke: only that the check runs
-        cases, dtypes, repeats = {"tiny": [40, 17, 1, 20]}, [torch.float32], 1
-    results = {}
-    generator = torch.Generator(device=device).manual_seed(0)
-    for name, lengths in cases.items():
-        for dtype in dtypes:
-            total = sum(lengths)
-            q, k, v = torch.randn(total, 3, heads, 80, generator=generator, device=device).to(dtype).unbind(1)
-            tiling = varlen_tiling(max(lengths))
-            items = work_items(np.asarray(lengths), tiling.block_m)
-            stale = np.full((7, 2), 1 << 20, dtype=np.int32)
-            work = torch.from_numpy(np.concatenate([items, stale])).to(device)
-            count = torch.tensor([len(items)], dtype=torch.int32, device=device)
-            cu = torch.from_numpy(cu_seqlens(np.asarray(lengths))).to(device=device, dtype=torch.int32)
-            programs = graph_num_programs(total, tiling.block_m)
-            expected, start = [], 0
-            for length in lengths:
-                segment = [x[start : start + length].float().transpose(0, 1) for x in (q, k, v)]
-                expected.append(torch.nn.functional.scaled_dot_product_attention(*segment).transpose(0, 1))
-                start += length
-            expected = torch.cat(expected).double()
-            worst, finite = 0.0, True
-            for _ in range(repeats):
-                out = torch.full_like(q, float("nan"))
-                varlen_attention(q, k, v, cu, work, 80**-0.5, tiling, out=out, work_count=count, num_programs=programs,
-                                 head_split=mode)  # fmt: skip
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                finite &= bool(torch.isfinite(out).all())
-                worst = max(worst, ((out.double() - expected).norm() / expected.norm()).item())
-            tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
-            results[f"{name}-{str(dtype).removeprefix('torch.')}"] = {
-                "finite": finite, "relative_error": worst, "ok": finite and worst < tolerance,
-            }  # fmt: skip
-    return {"mode": mode, "ok": all(r["ok"] for r in results.values()), "cases": results}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -169,97 +106,6 @@ def _last_json(text: str) -> dict | None:
     return None
 
 
-class _Model(torch.nn.Module):
-    """What EncoderRunner reads of a model."""
-
-    def __init__(self, tower: torch.nn.Module) -> None:
-        super().__init__()
-        self.visual = tower
-        self.config = type("Config", (), {"vision": tower.config})()
-
-    def encode_images(self, pixel_values, grid_thw):
-        return self.visual(pixel_values.to(next(self.visual.parameters()).dtype), grid_thw)
-
-
-def build_tower(name: str, device: torch.device, dtype: torch.dtype):
-    from spaceserve.models.loader import init_dummy_weights
-    from spaceserve.models.qwen2_5_vl.vision import Qwen2_5_VisionTransformer
-    from spaceserve.models.qwen2_vl.vision import Qwen2VisionTransformer
-    from spaceserve.models.resolve import resolve_model
-
-    config = resolve_model(name).model_config
-    cls = Qwen2_5_VisionTransformer if config.vision.window_size else Qwen2VisionTransformer
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            tower = cls(config.vision)
-    finally:
-        torch.set_default_dtype(previous)
-    init_dummy_weights(tower, seed=0)
-    return tower.eval(), config
-
-
-def make_batch(grids, patch_dim: int, device: torch.device, seed: int):
-    from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
-    from spaceserve.core.scheduler_output import EncoderBatch
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    items = []
-    for index, (t, h, w) in enumerate(grids):
-        pixels = torch.randn(t * h * w, patch_dim, generator=generator, device=device)
-        items.append(MultiModalFeature(f"{seed}-{index}", "image" if t == 1 else "video",
-                                       PlaceholderRange(0, t * h * w // 4), t * h * w, (t, h, w), pixels))  # fmt: skip
-    return EncoderBatch(tuple(items))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_batches(runner, batch, stream, device: torch.device) -> dict:
-    """Host ms of execute() (GPU drained first, so launches never wait on a full queue) and GPU ms from its first
-    launch to its last kernel (events on the stream)."""
-    host, gpu = [], []
-    context = torch.cuda.stream(stream) if stream is not None else _Null()
-    with context:
-        for index in range(WARMUP + TIMED):
-            _sync(device)
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            begin = time.perf_counter()
-            out = runner.execute(batch)
-            launched = time.perf_counter()
-            if device.type == "cuda":
-                end.record()
-                end.synchronize()
-            if index >= WARMUP:
-                host.append((launched - begin) * 1e3)
-                gpu.append(start.elapsed_time(end) if device.type == "cuda" else (time.perf_counter() - begin) * 1e3)
-    return {"host_ms": statistics.median(host), "gpu_ms": statistics.median(gpu), "out": out}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def compare(eager: dict, graphed: dict) -> dict:
-    keys = sorted(eager)
-    a = torch.cat([eager[k].float() for k in keys])
-    b = torch.cat([graphed[k].float() for k in keys])
-    return {
-        "relative_error": ((a - b).norm() / a.norm()).item(),
-        "max_abs_diff": (a - b).abs().max().item(),
-        "finite": bool(torch.isfinite(b).all()),
-    }
-
-
 # ---- phases -----------------------------------------------------------------------------------------------------
 
 
@@ -278,17 +124,17 @@ def start_checks(out: Path, smoke: bool) -> dict:
     """Phase 2's children, all started at once."""
     from spaceserve.layers.attention.triton.common import HEAD_SPLITS, VARLEN_HEAD_SPLIT
 
-    script = str(Path(__file__).resolve())
+    script = str(SCRIPTS / "varlen_split_check.py")
     children = {}
     interpret = {} if torch.cuda.is_available() and not smoke else {"TRITON_INTERPRET": "1"}
     for mode in HEAD_SPLITS:
-        command = [sys.executable, script, "--child-split", mode] + (["--small"] if smoke else [])
+        command = [sys.executable, script, mode] + (["--small"] if smoke else [])
         children[f"split-{mode}"] = _spawn(command, out / f"split_{mode}.txt", interpret)
     if smoke:
         return children
     sanitizer = [
         "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9",
-        sys.executable, script, "--child-split", VARLEN_HEAD_SPLIT, "--small",
+        sys.executable, script, VARLEN_HEAD_SPLIT, "--small",
     ]  # fmt: skip
     children["memcheck"] = _spawn(sanitizer, out / "memcheck.txt")
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEX"]
@@ -323,132 +169,6 @@ def choose_head_split(checks: dict) -> tuple[str, str]:
         if passed(mode):
             return mode, f"the default {VARLEN_HEAD_SPLIT!r} failed its check; measured with {mode!r}"
     return "padded", "no mode passed its check; measured with 'padded' (the kernel main had)"
-
-
-def attention_alone(device: torch.device, modes: list[str], smoke: bool) -> dict:
-    """The varlen kernel over one 9216-row segment, 16 heads of 80, per head-split mode: useful TFLOP/s."""
-    from spaceserve.layers.attention.triton import varlen_attention, varlen_tiling
-    from spaceserve.layers.attention.triton.common import build_work_list
-    from spaceserve.profile.timing import time_calls
-
-    n, heads = (512, 2) if smoke else (9216, 16)
-    q, k, v = torch.randn(n, 3, heads, 80, device=device, dtype=torch.bfloat16).unbind(1)
-    tiling = varlen_tiling(n)
-    work = build_work_list([n], tiling.block_m, 1, device)
-    cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-    count = torch.tensor([work.shape[0]], dtype=torch.int32, device=device)
-    out = torch.empty_like(q)
-    results = {}
-    for mode in modes:
-        def run(mode=mode):
-            varlen_attention(q, k, v, cu, work, 80**-0.5, tiling, out=out, work_count=count, head_split=mode)
-
-        stats = time_calls(run, device, warmup=2, iters=3 if smoke else 10)
-        results[mode] = {"ms": stats.median_ms, "tflops": 4 * heads * 80 * n * n / (stats.median_ms * 1e-3) / 1e12}
-    return results
-
-
-def measure_model(name: str, device: torch.device, dtype: torch.dtype, smoke: bool, rate: float | None,
-                  head_split: str, ladder_streams: list | None) -> dict:  # fmt: skip
-    from spaceserve.layers.attention.triton import common
-    from spaceserve.layers.triton_ops import fused_ops
-    from spaceserve.models.resolve import resolve_model
-    from spaceserve.profile.floors import vision_flops
-    from spaceserve.runtime.encoder_runner import EncoderRunner
-    from spaceserve.runtime.vision_graphs import VisionCUDAGraphs, eager_replay, vision_graph_buckets
-
-    tower, config = build_tower(name, device, dtype)
-    merge = config.vision.spatial_merge_size
-    ladder = vision_graph_buckets(64 if smoke else DEFAULT_BUDGET_TOKENS, merge)
-    batches = {"9216": SMOKE_ONE if smoke else ONE_IMAGE, "mixed": SMOKE_MIXED if smoke else MIXED}
-    buckets = tuple(sorted({next(b for b in ladder if b >= sum(t * h * w for t, h, w in g)) for g in batches.values()}))
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    capture = eager_replay if device.type != "cuda" else None
-    kwargs = {"capture": capture} if capture is not None else {}
-    graphs = VisionCUDAGraphs(tower, buckets, device, dtype, use_triton=None if device.type == "cuda" else False,
-                              **kwargs)  # fmt: skip
-    begin = time.perf_counter()
-    graphs.capture_on([stream])
-    result = {
-        "model": name, "buckets": list(buckets), "capture_s": time.perf_counter() - begin,
-        "graph_bytes": graphs.memory_bytes(stream), "head_split": head_split, "batches": {},
-    }  # fmt: skip
-    model = _Model(tower)
-    images = resolve_model(name).image_config
-    eager_runner, graph_runner = EncoderRunner(model, device, images), EncoderRunner(model, device, images, graphs)
-    for label, grids in batches.items():
-        batch = make_batch(grids, config.vision.patch_dim, device, seed=len(grids))
-        flops = vision_flops(config, grids).total
-        row = {"patches": sum(t * h * w for t, h, w in grids), "items": len(grids), "tflop": flops / 1e12}
-        for kind, runner in (("eager", eager_runner), ("graph", graph_runner)):
-            timed = time_batches(runner, batch, stream, device)
-            row[kind] = {"host_ms": timed["host_ms"], "gpu_ms": timed["gpu_ms"],
-                         "tflops": flops / (timed["gpu_ms"] * 1e-3) / 1e12}  # fmt: skip
-            if rate:
-                row[kind]["share_of_matmul"] = row[kind]["tflops"] / rate
-            row[f"{kind}_out"] = timed["out"]
-        row["graph_bucket"] = graphs.for_stream(stream).bucket_for(row["patches"])
-        row["eager_vs_graph"] = compare(row.pop("eager_out"), row.pop("graph_out"))
-        assert graph_runner.num_graphed_batches > 0
-        result["batches"][label] = row
-    if "7B" in name or (smoke and name == SMOKE_MODELS[0]):
-        batch = make_batch(batches["9216"], config.vision.patch_dim, device, seed=1)
-        flops = vision_flops(config, batches["9216"]).total
-        variants = {}
-        components = [("unfused, padded head (as main)", False, "padded"), ("fused, padded head", True, "padded")]
-        if head_split != "padded":
-            components.append((f"unfused, {head_split} head", False, head_split))
-        for label, fused, split in components:
-            common.VARLEN_HEAD_SPLIT = split
-            with fused_ops(fused):
-                timed = time_batches(eager_runner, batch, stream, device)
-            variants[label] = {"host_ms": timed["host_ms"], "gpu_ms": timed["gpu_ms"],
-                               "tflops": flops / (timed["gpu_ms"] * 1e-3) / 1e12}  # fmt: skip
-        common.VARLEN_HEAD_SPLIT = head_split
-        result["eager_variants_9216"] = variants
-        # what uploading host pixels costs on top (images preprocessed on the host arrive as pageable float32)
-        host_pixels = [item.pixel_values.cpu() for item in batch.items]
-        _sync(device)
-        begin = time.perf_counter()
-        staged = graphs.for_stream(stream).pixels
-        with torch.cuda.stream(stream) if stream is not None else _Null():
-            staged[: host_pixels[0].shape[0]].copy_(host_pixels[0], non_blocking=True)
-        result["host_pixel_upload_ms_9216"] = (time.perf_counter() - begin) * 1e3
-        if ladder_streams is not None:
-            result["default_ladder"] = capture_ladder(tower, ladder, device, dtype, ladder_streams, kwargs)
-    del graphs
-    return result
-
-
-def capture_ladder(tower, ladder, device, dtype, streams, kwargs) -> dict:
-    from spaceserve.runtime.vision_graphs import VisionCUDAGraphs
-
-    graphs = VisionCUDAGraphs(tower, ladder, device, dtype, use_triton=None if device.type == "cuda" else False,
-                              **kwargs)  # fmt: skip
-    per_stream = []
-    for stream, label in streams:
-        begin = time.perf_counter()
-        graphs.capture_on([stream])
-        per_stream.append({"stream": label, "capture_s": time.perf_counter() - begin,
-                           "bytes": graphs.memory_bytes(stream)})  # fmt: skip
-    return {"buckets": len(ladder), "largest": ladder[-1], "streams": per_stream}
-
-
-def ladder_streams(device: torch.device) -> list:
-    if device.type != "cuda":
-        return [(None, "cpu")]
-    streams = [(torch.cuda.Stream(device), "stream")]
-    try:
-        from spaceserve.runtime.sm_partition import get_partition_manager, green_context_support
-
-        if green_context_support(device) is None:
-            partition = get_partition_manager(device).partition(64)
-            streams.append((partition.encoder_stream, f"SM partition ({partition.encoder_sms} SMs)"))
-        else:
-            streams.append((torch.cuda.Stream(device), "second stream"))
-    except Exception as exc:  # noqa: BLE001 - measured on a plain stream instead, and said so
-        streams.append((torch.cuda.Stream(device), f"second stream (partition failed: {exc!r})"))
-    return streams
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -509,17 +229,10 @@ def markdown(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny towers on the CPU (checks the script runs)")
     parser.add_argument("--skip-checks", action="store_true", help="no child checks (phase 2)")
-    parser.add_argument("--child-split", help=argparse.SUPPRESS)
-    parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child_split:
-        print(json.dumps(split_check(args.child_split, args.small)))
-        return 0
-    if args.out is None:
-        parser.error("--out is required")
     started = time.monotonic()
     deadline = started + BUDGET_S
     args.out.mkdir(parents=True, exist_ok=True)

@@ -130,11 +130,26 @@ MIXES = {
 }
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_padded_buckets_give_the_eager_embeddings(preset):
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_checkpoint(request, tmp_path_factory):
+    """A tiny transformers-written checkpoint (tests/tiny_checkpoints.py) with its tokenizer."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=23)
+    write_tiny_tokenizer(path)
+    return path
+
+
+def _checkpoint_tower(path) -> torch.nn.Module:
+    from spaceserve.models.loader import build_model
+    from spaceserve.models.resolve import resolve_model
+
+    config = resolve_model(str(path)).model_config
+    return build_model(config, directory=path, load_format="auto", dtype=torch.float32, device=CPU).visual
+
+
+def test_padded_buckets_give_the_eager_embeddings(tiny_checkpoint):
     """Batches of several mixes, one after another through the same set (stale buffers in between), each against
     the unpadded eager tower; the last is larger than the largest bucket and runs eagerly."""
-    tower = _tower(preset)
+    tower = _checkpoint_tower(tiny_checkpoint)
     graphs = VisionCUDAGraphs(tower, (64, 256, 512), CPU, torch.float32, capture=eager_replay, use_triton=False)
     graphs.capture_on([None])
     runner = EncoderRunner(_Model(tower), CPU, IMAGES, graphs)
@@ -151,15 +166,14 @@ def test_padded_buckets_give_the_eager_embeddings(preset):
     assert runner.num_eager_batches == 1
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_the_triton_graph_path_gives_the_eager_embeddings(preset):
+def test_the_triton_graph_path_gives_the_eager_embeddings(tiny_checkpoint):
     """The Triton kernels' fixed grids and device-counted work lists, under the interpreter (small buckets)."""
     pytest.importorskip("triton")
     from spaceserve.layers.attention.triton import interpreting
 
-    if not interpreting() and not HAS_CUDA:
-        pytest.skip("needs the Triton interpreter or CUDA")
-    tower = _tower(preset)
+    if not interpreting():
+        pytest.skip("runs the kernels on CPU tensors under the Triton interpreter")
+    tower = _checkpoint_tower(tiny_checkpoint)
     graphs = VisionCUDAGraphs(tower, (96, 160), CPU, torch.float32, capture=eager_replay, use_triton=True)
     graphs.capture_on([None])
     runner = EncoderRunner(_Model(tower), CPU, IMAGES, graphs)
@@ -204,11 +218,10 @@ def test_a_stream_without_a_set_runs_eagerly():
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def checkpoint(request, tmp_path_factory):
-    architecture = request.param
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp(architecture), architecture, seed=23)
-    write_tiny_tokenizer(path)
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    """The checkpoint, prompts with images of several sizes, and transformers' greedy continuation of each."""
+    path = tiny_checkpoint
     reference = load_reference_model(path)
     processor = reference_processor()
     rng = np.random.default_rng(9)

@@ -11,6 +11,7 @@ number of programs (`graph_num_programs`) and read the valid work count from the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ import torch
 from spaceserve.layers.attention.varlen import VarlenSegments, default_use_triton, torch_segment_groups
 from spaceserve.models.vision_layout import VisionLayout, cu_seqlens, work_items
 
-KINDS = ("frames", "windows")
+if TYPE_CHECKING:
+    from spaceserve.layers.attention.triton.common import AttentionTiling
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class AttentionPlan:
     """How one kind of segments is attended: Triton tiles and the programs launched along the work items, or the
     torch path (tiling None)."""
 
-    tiling: object | None
+    tiling: AttentionTiling | None
     num_programs: int = 0
 
 

@@ -246,7 +246,9 @@ class MPClient(CoreClient):
         self._dir = tempfile.mkdtemp(prefix="spaceserve-core-")
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PUSH)
+        self._input.setsockopt(zmq.SNDHWM, 0)  # queue without bound: a send never waits for a busy core
         self._output = self._context.socket(zmq.PULL)
+        self._output.setsockopt(zmq.RCVHWM, 0)
         input_address, output_address = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
         self._input.bind(input_address)
         self._output.bind(output_address)
@@ -281,7 +283,11 @@ class MPClient(CoreClient):
                 raise_startup_error(message)
 
     def _send_message(self, message: Any) -> None:
-        self._input.send_multipart(self._encoder.encode(message), copy=False)
+        """Never blocks: with no core connected (it exited, or never came up) PUSH would wait forever."""
+        try:
+            self._input.send_multipart(self._encoder.encode(message), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise EngineDeadError("the engine core process is not reachable") from None
 
     def _wire(self, request: Request) -> Any:
         return request_to_wire(request)
@@ -306,8 +312,8 @@ class MPClient(CoreClient):
             try:
                 with self._send_lock:
                     self._send_message(Shutdown())
-            except zmq.ZMQError:
-                pass
+            except (EngineDeadError, zmq.ZMQError):
+                pass  # not connected (any more): it is ending, or is terminated below
             try:
                 self.process.wait(_SHUTDOWN_TIMEOUT_S)
             except subprocess.TimeoutExpired:

@@ -61,8 +61,10 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     _die_with_parent()
     context = zmq.Context()
     input_socket = context.socket(zmq.PULL)
+    input_socket.setsockopt(zmq.RCVHWM, 0)
     input_socket.connect(input_address)
     output_socket = context.socket(zmq.PUSH)
+    output_socket.setsockopt(zmq.SNDHWM, 0)  # a slow front never blocks the step loop
     output_socket.setsockopt(zmq.LINGER, 2000)  # let a last message (dead, shut down) reach the front
     output_socket.connect(output_address)
     transport = ZmqTransport(input_socket, output_socket)

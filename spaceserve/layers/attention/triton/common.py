@@ -118,16 +118,16 @@ def head_dim_parts(head_dim: int, mode: str) -> tuple[int, int]:
 
 
 def _default_head_split() -> str:
-    mode = os.environ.get("SPACESERVE_VARLEN_HEAD_SPLIT", "split")
+    mode = os.environ.get("SPACESERVE_VARLEN_HEAD_SPLIT", "padded")
     if mode not in HEAD_SPLITS:
         raise ValueError(f"SPACESERVE_VARLEN_HEAD_SPLIT must be one of {', '.join(HEAD_SPLITS)}, got {mode!r}")
     return mode
 
 
-# The vision kernel's default. "split" (80 = 64 + 16) does no dot work on padding; an earlier split kernel (c1cf0dd,
-# reverted in fcc662e) faulted on the H200, so this one masks every load by its row bounds and
-# scripts/vision_graph_check.py checks each mode in a child process before measuring. The environment variable
-# picks another mode without a code change.
+# The vision kernel's default: "padded" (head_dim 80 computed as 128). The "split" modes (80 = 64 + 16 or 64 + 32,
+# no dot work on padding) pass under the interpreter but fault on the H200 with an out-of-bounds shared-memory read
+# inside the dot (compute-sanitizer, commit 2f5dcb2: benchmarks/results/vision-graphs-h200/), as an earlier split
+# kernel did (c1cf0dd, reverted in fcc662e). SPACESERVE_VARLEN_HEAD_SPLIT=split picks one without a code change.
 VARLEN_HEAD_SPLIT = _default_head_split()
 
 

@@ -1,5 +1,5 @@
 from spaceserve.core.errors import ConfigError, InvalidInputError, SpaceServeError
-from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange
+from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange, VideoChunk
 from spaceserve.core.outputs import CompletionOutput, RequestOutput
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.sampling_params import SamplingParams
@@ -20,4 +20,5 @@ __all__ = [
     "ScheduledSequence",
     "SchedulerOutput",
     "SpaceServeError",
+    "VideoChunk",
 ]

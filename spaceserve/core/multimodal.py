@@ -1,4 +1,13 @@
-"""What the schedulers know about a request's images: where their tokens sit and how much work they are."""
+"""What the schedulers know about a request's images and video chunks: where their tokens sit and how much work
+they are.
+
+A video is split along its temporal patches into chunks, one `MultiModalFeature` each, so the encoder and the LM
+work on a video chunk by chunk while it is still being decoded: both vision towers attend only within a temporal
+patch (Qwen2-VL per frame group; Qwen2.5-VL in windows inside it and in full blocks over it) and merge spatially,
+so the embedding rows of temporal patches [t0, t1) of a video of grid (t, h, w) are exactly the rows of an item of
+grid (t1 - t0, h, w), and the chunks' rows concatenate to the whole video's. A chunk's placeholder is its slice of
+the video's `<|video_pad|>` run; M-RoPE positions are computed once for the whole video.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +26,22 @@ class PlaceholderRange:
 
 
 @dataclass(frozen=True)
-class MultiModalFeature:
-    """One image (or video) of a request, after preprocessing.
+class VideoChunk:
+    """Where a chunk sits in its video: temporal patches [t_start, t_end) of `num_chunks` chunks."""
 
-    `placeholder` is the span of its `<|image_pad|>` tokens in the expanded prompt; the encoder produces exactly
+    video_hash: str
+    """Content hash of the whole video (and its sampling settings): the chunks of one video share it."""
+    index: int
+    num_chunks: int
+    t_start: int
+    t_end: int
+
+
+@dataclass(frozen=True)
+class MultiModalFeature:
+    """One image, or one chunk of a video, of a request, after preprocessing.
+
+    `placeholder` is the span of its pad tokens in the expanded prompt; the encoder produces exactly
     `placeholder.length` embedding rows for it. `pixel_values` is opaque here (a tensor the encoder runner reads).
     """
 
@@ -30,6 +51,11 @@ class MultiModalFeature:
     num_patches: int
     grid_thw: tuple[int, int, int]
     pixel_values: Any = None
+    chunk: VideoChunk | None = None
+    """Set for a video chunk."""
+    inputs_pending: bool = False
+    """True while the video stage is still decoding this chunk: the encoder scheduler keeps it queued (its patches
+    count as remaining work) but does not run it until the engine hands over its pixel values."""
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """Encoder queue orderings, as pure functions from (waiting request, queue state) to a sort key (smaller first).
 
-A queued image may be awaited by several requests (the same image in several prompts); its key is the smallest
-key over them, so it runs as early as its most urgent requester needs it.
+A queued item (an image or a video chunk) may be awaited by several requests (the same image in several prompts);
+its key is the smallest key over them, so it runs as early as its most urgent requester needs it. A video is queued
+as its chunks, so its remaining work shrinks chunk by chunk and short images in its window can run between them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class WaitingRequest:
     request_id: str
     arrival_time: float
     feature_index: int
-    """Index of the image in the request's mm_features (its order in the prompt)."""
+    """Index of the item in the request's mm_features (its order in the prompt; a video's chunks in order)."""
     request_order: int
     """Order in which the scheduler first saw the request: separates requests with equal arrival times."""
 
@@ -30,7 +31,8 @@ class WaitingRequest:
 @dataclass(frozen=True)
 class QueueState:
     remaining_patches: Mapping[str, int]
-    """request id -> total num_patches of its images still queued (not yet handed to the encoder)."""
+    """request id -> total num_patches of its items still queued (not yet handed to the encoder), including the
+    chunks of its videos whose frames are still being decoded."""
     window_s: float
     window_origin: float
     """twsrft windows are [origin + k * window_s, origin + (k + 1) * window_s)."""

@@ -1,8 +1,14 @@
-"""The encoder's own queue: which images to embed next, independent of the LM scheduler.
+"""The encoder's own queue: which images and video chunks to embed next, independent of the LM scheduler.
 
-The LM scheduler asks for an image's embeddings with `request_encoding`; `schedule` hands batches to the encoder
-runner and reserves their room in the encoder cache. An image already cached (pending or ready) or already queued
+The LM scheduler asks for an item's embeddings with `request_encoding`; `schedule` hands batches to the encoder
+runner and reserves their room in the encoder cache. An item already cached (pending or ready) or already queued
 is never encoded twice: the asking request just joins its referencers / waiters.
+
+A video chunk is queued as soon as its request arrives, before its frames are decoded (`inputs_pending`): it is not
+run until the engine hands over its pixel values (`provide_inputs`), but its patches count in its requests'
+remaining work from the start, so TWSRFT sees a long video as long even while only its first chunks can run. The
+chunks of one video are allocated in order: a chunk whose inputs are pending holds back the later chunks of its
+video, so they cannot fill the encoder cache ahead of the chunk the LM needs first.
 """
 
 from __future__ import annotations
@@ -52,7 +58,14 @@ class EncoderScheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._queue)
+        """Some queued item can run now (its inputs are there, and those of the earlier chunks of its video)."""
+        first_pending = self._first_pending_chunks()
+        return any(_can_run(item.feature, first_pending) for item in self._queue.values())
+
+    @property
+    def num_pending_items(self) -> int:
+        """Queued video chunks still waiting for their frames."""
+        return sum(item.feature.inputs_pending for item in self._queue.values())
 
     def is_queued(self, mm_hash: str) -> bool:
         return mm_hash in self._queue
@@ -75,7 +88,9 @@ class EncoderScheduler:
         if item is None:
             item = EncoderWorkItem(feature=feature, enqueue_time=self.clock())
             self._queue[feature.mm_hash] = item
-        if request.encoder_enqueued_time is None:
+        elif item.feature.inputs_pending and not feature.inputs_pending:
+            item.feature = feature
+        if request.encoder_enqueued_time is None and not item.feature.inputs_pending:
             request.encoder_enqueued_time = self.clock()
         if request_id in item.waiters:
             return
@@ -92,6 +107,16 @@ class EncoderScheduler:
         )
         self._queued_hashes_of_request.setdefault(request_id, set()).add(feature.mm_hash)
 
+    def provide_inputs(self, feature: MultiModalFeature) -> frozenset[str]:
+        """A video chunk's pixel values are ready: a queued item waiting for them may run. Returns the requests
+        waiting for it (none when it is not queued: cached already, or nobody asked for it)."""
+        item = self._queue.get(feature.mm_hash)
+        if item is None:
+            return frozenset()
+        if item.feature.inputs_pending and not feature.inputs_pending:
+            item.feature = feature
+        return frozenset(item.waiters)
+
     def cancel(self, request_id: str) -> None:
         """Forget the request: leave the queue entries it waits for (dropping those nobody else waits for) and
         release its encoder cache references."""
@@ -104,19 +129,23 @@ class EncoderScheduler:
         self.cache.release_request(request_id)
 
     def schedule(self) -> EncoderBatch | None:
-        """Take queued images in policy order while they fit the token budget and the encoder cache.
+        """Take queued items in policy order while they fit the token budget and the encoder cache.
 
-        The first image is always taken if the cache has room, even when it alone exceeds the budget (it then runs
-        alone). The batch stops at the first image that does not fit: letting smaller images overtake it would
-        break the policy's order and could starve a large image indefinitely.
+        The first item is always taken if the cache has room, even when it alone exceeds the budget (it then runs
+        alone). The batch stops at the first item that does not fit: letting smaller items overtake it would
+        break the policy's order and could starve a large image indefinitely. Video chunks still waiting for their
+        frames are passed over, and so are the later chunks of their video.
         """
         if not self._queue:
             return None
         batch: list[MultiModalFeature] = []
         waiting: set[str] = set()
         batch_tokens = 0
+        first_pending = self._first_pending_chunks()
         for mm_hash in self._ordered_hashes():
             item = self._queue[mm_hash]
+            if not _can_run(item.feature, first_pending):
+                continue
             num_tokens = item.feature.num_tokens
             if batch and batch_tokens + num_tokens > self.config.budget_tokens:
                 break
@@ -133,6 +162,15 @@ class EncoderScheduler:
         """Hashes the encoder cache evicted since the last call: their tensors can be dropped."""
         evicted, self._evicted = self._evicted, []
         return evicted
+
+    def _first_pending_chunks(self) -> dict[str, int]:
+        """video hash -> the index of its first queued chunk still waiting for frames."""
+        first: dict[str, int] = {}
+        for item in self._queue.values():
+            chunk = item.feature.chunk
+            if item.feature.inputs_pending and chunk is not None:
+                first[chunk.video_hash] = min(first.get(chunk.video_hash, chunk.index), chunk.index)
+        return first
 
     def _ordered_hashes(self) -> list[str]:
         remaining: dict[str, int] = {}
@@ -155,3 +193,11 @@ class EncoderScheduler:
             if not hashes:
                 del self._queued_hashes_of_request[request_id]
                 self._request_order.pop(request_id, None)
+
+
+def _can_run(feature: MultiModalFeature, first_pending_chunks: dict[str, int]) -> bool:
+    """Its inputs are there and, for a video chunk, no earlier chunk of its video still waits for frames."""
+    if feature.inputs_pending:
+        return False
+    chunk = feature.chunk
+    return chunk is None or chunk.index < first_pending_chunks.get(chunk.video_hash, chunk.num_chunks)

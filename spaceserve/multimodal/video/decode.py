@@ -11,7 +11,8 @@ requested indices; only requested frames become tensors. Backends:
 When NVDEC cannot be used (torchcodec missing, a codec or profile NVDEC cannot decode, a device error) the frames
 are decoded by PyAV and moved to `device`; the result says which backend decoded and why it fell back, and the
 reason is logged once. With a ``VideoDecoderPool`` the frames are decoded GOP-parallel (flashcodec); the pixels
-are bit-exact with the sequential path of the same backend.
+are bit-exact with the sequential path of the same backend. ``start_decode`` returns while decoding goes on, for
+callers that work on the first frames while the rest decode (the decode stage).
 """
 
 from __future__ import annotations
@@ -103,6 +104,27 @@ def decode_frames(
     `decoders` makes the decode GOP-parallel over the pool's sessions; without it one session decodes.
     `pyav_options` sets FFmpeg threading for the sequential CPU path (default: FFmpeg picks).
     """
+    device = torch.device(device)
+    video = index_video(source)
+    decode = start_decode(video, frame_indices, device=device, backend=backend, decoders=decoders, pyav_options=pyav_options)
+    frames = decode.result()
+    if frames.device != device:
+        frames = frames.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else frames.to(device)
+    indices = tuple(int(i) for i in frame_indices)
+    return DecodedFrames(frames, indices, video.metadata, decode.backend, decode.fallback_reason, decode.num_sessions)
+
+
+def start_decode(
+    source: VideoSource | IndexedVideo,
+    frame_indices: Sequence[int],
+    *,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    decoders: VideoDecoderPool | None = None,
+    pyav_options: PyAVOptions | None = None,
+) -> flashcodec.StreamingDecode:
+    """Start decoding and return at once: the frames fill in as sessions decode them (`wait_for` a range). NVDEC's
+    frames land on `device`; PyAV's stay on the CPU (the caller moves what it needs)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
@@ -113,21 +135,16 @@ def decode_frames(
         reason = nvdec_backend.nvdec_unavailable_reason(video.index, device)
         if reason is None:
             try:
-                frames, chunks = flashcodec.decode_nvdec(
-                    video.source, video.index, indices, device=device, pool=decoders
-                )
-                return DecodedFrames(frames, indices, video.metadata, "nvdec", None, chunks)
+                return flashcodec.start_nvdec(video.source, video.index, indices, device=device, pool=decoders)
             except nvdec_backend.NvdecUnavailable as exc:
                 reason = str(exc)
         if device.type == "cuda" or backend == "nvdec":
             _log_fallback_once(reason)
-    frames, chunks = flashcodec.decode_pyav(
+    decode = flashcodec.start_pyav(
         video.source, video.index, indices, pool=decoders, options=pyav_options or PyAVOptions(threads=0)
     )
-    if device.type != "cpu":
-        frames = frames.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else frames.to(device)
-    fallback_reason = reason if (device.type == "cuda" or backend == "nvdec") else None
-    return DecodedFrames(frames, indices, video.metadata, "pyav", fallback_reason, chunks)
+    decode.fallback_reason = reason if (device.type == "cuda" or backend == "nvdec") else None
+    return decode
 
 
 def _check_indices(frame_indices: Sequence[int], num_frames: int) -> tuple[int, ...]:

@@ -72,7 +72,12 @@ def nvdec_unavailable_reason(index: PacketIndex, device: torch.device) -> str | 
 def decode_frames_nvdec(
     source: str | bytes, index: PacketIndex, frame_indices: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
-    """One NVDEC session decodes `frame_indices` on `device`: a [T, H, W, 3] uint8 tensor on that device.
+    """One NVDEC session decodes `frame_indices` on `device`: a [T, H, W, 3] uint8 tensor on that device."""
+    return decode_with(open_decoder(source, index, device), index, frame_indices, device)
+
+
+def open_decoder(source: str | bytes, index: PacketIndex, device: torch.device):
+    """A torchcodec decoder for one session on `device`, reused for every frame that session decodes of this video.
 
     Raises NvdecUnavailable when torchcodec would silently fall back to its CPU path or disagrees with the
     packet index about the frame count (numbering would then differ from the CPU backend's).
@@ -94,6 +99,13 @@ def decode_frames_nvdec(
             raise NvdecUnavailable(
                 f"torchcodec counts {len(decoder)} frames, the packet index {index.num_frames}; numbering would differ"
             )
+    return decoder
+
+
+def decode_with(decoder, index: PacketIndex, frame_indices: tuple[int, ...] | list[int], device: torch.device):
+    """Frames (ascending indices) from an open decoder: [T, H, W, 3] uint8 on its device. Asking for a chunk's
+    frames a few at a time decodes exactly what one call would (torchcodec seeks, or decodes on, frame by frame)."""
+    with torch.cuda.device(device):
         try:
             frames = decoder.get_frames_at(list(frame_indices)).data
         except RuntimeError as exc:

@@ -13,6 +13,7 @@ cheap, and the packets it decodes are the container's own) and skips the packets
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -46,8 +47,10 @@ def decode_segment(
     out: torch.Tensor,
     out_position: dict[int, int],
     options: PyAVOptions,
+    on_frame: Callable[[int], None] | None = None,
 ) -> None:
-    """Decode one segment and write each requested frame, as RGB24, into out[out_position[frame]]."""
+    """Decode one segment and write each requested frame, as RGB24, into out[out_position[frame]]; `on_frame` is
+    called with that position once the frame is there."""
     wanted = set(segment.frame_indices)
     frame_of_pts = index.frame_of_pts()
     with open_container(source) as container:
@@ -58,11 +61,11 @@ def decode_segment(
         try:
             for packet in _packets_from(container, stream, index, segment.start_packet):
                 for frame in codec_context.decode(packet):
-                    _keep(frame, frame_of_pts, wanted, index, out, out_position)
+                    _keep(frame, frame_of_pts, wanted, index, out, out_position, on_frame)
                 if not wanted:
                     return
             for frame in codec_context.decode(None):
-                _keep(frame, frame_of_pts, wanted, index, out, out_position)
+                _keep(frame, frame_of_pts, wanted, index, out, out_position, on_frame)
         except av.error.FFmpegError as exc:
             raise InvalidVideoError(f"video is corrupt: decoding failed: {ffmpeg_message(exc)}") from None
     if wanted:
@@ -93,6 +96,7 @@ def _keep(
     index: PacketIndex,
     out: torch.Tensor,
     out_position: dict[int, int],
+    on_frame: Callable[[int], None] | None,
 ) -> None:
     frame_index = frame_of_pts.get(frame.pts)
     if frame_index not in wanted:
@@ -102,5 +106,8 @@ def _keep(
             f"frame {frame_index} is {frame.width}x{frame.height} but the stream is {index.width}x{index.height}; "
             "videos that change resolution are not supported"
         )
-    out[out_position[frame_index]].copy_(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+    position = out_position[frame_index]
+    out[position].copy_(torch.from_numpy(frame.to_ndarray(format="rgb24")))
     wanted.discard(frame_index)
+    if on_frame is not None:
+        on_frame(position)

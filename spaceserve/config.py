@@ -76,15 +76,22 @@ class VideoConfig:
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     """Server-wide mm_processor_kwargs (fps, num_frames, min_frames, max_frames, min_pixels, max_pixels,
     max_video_tokens); a request's own mm_processor_kwargs override them."""
-    decoder_sessions_per_gpu: int = 4
-    """NVDEC sessions per decoding GPU that one video is split across along GOP boundaries (FlashCodec); the
-    sessions live as long as the engine. 0: no decoder pool, each video is decoded by one session."""
+    decoder_sessions_per_gpu: int = 8
+    """NVDEC sessions per decoding GPU (FlashCodec): each video takes as many as its length gives work for and are
+    free, splitting it along GOP boundaries; the sessions are opened and warmed when the engine starts and live as
+    long as it. 0: no decoder pool, each video is decoded by one session."""
     decoder_cpu_sessions: int | None = None
     """PyAV sessions (one thread each) for GOP-parallel decoding on the CPU; None: one per core."""
     decode_gpus: tuple[int, ...] | None = None
     """CUDA devices whose decoders take part (frames are copied to the engine's device); None: the engine's GPU."""
+    chunk_tokens: int = 1024
+    """Videos are encoded and prefilled in chunks of whole temporal patches, each as soon as its frames are decoded:
+    the first chunk is one temporal patch, each next twice the one before, up to this many tokens. 0: one chunk
+    per video (encoded once the whole video is decoded)."""
 
     def __post_init__(self) -> None:
+        if self.chunk_tokens < 0:
+            raise ConfigError(f"video chunk_tokens must be >= 0, got {self.chunk_tokens}")
         if self.max_duration_s <= 0 or self.decode_workers < 1 or self.cache_bytes < 0:
             raise ConfigError("video max_duration_s must be > 0, decode_workers >= 1 and cache_bytes >= 0")
         if self.decoder_sessions_per_gpu < 0:

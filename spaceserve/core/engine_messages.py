@@ -36,19 +36,50 @@ class WireFeature(msgspec.Struct, array_like=True, omit_defaults=True):
     raw_image: tuple[int, int] | None = None
     """Set when pixel_values is an unprocessed uint8 [H, W, 3] image: the (height, width) to resize it to; the
     engine core preprocesses it on its device."""
+    chunk: tuple[str, int, int, int, int] | None = None
+    """A video chunk's VideoChunk fields: the video's hash, the chunk's index, the number of chunks, and its
+    temporal patches [start, end)."""
+    inputs_pending: bool = False
+    """A video chunk the engine core's decode stage has yet to make."""
+
+
+class WirePacketIndex(msgspec.Struct, array_like=True):
+    """A probed video's packet index (multimodal/video/gop.py's PacketIndex), so the core decodes without demuxing
+    the video again. Per-packet fields are arrays in decode order; dts is 0 where has_dts is false."""
+
+    stream_index: int
+    codec: str
+    pix_fmt: str | None
+    profile: str | None
+    width: int
+    height: int
+    fps: float
+    time_base: tuple[int, int]
+    pts: Any
+    dts: Any
+    has_dts: Any
+    is_keyframe: Any
+    pts_by_frame: Any
+    keyframe_packets: Any
+    keyframe_frames: Any
+    open_gop: bool
 
 
 class WireVideoJob(msgspec.Struct, array_like=True, omit_defaults=True):
-    """A video the engine core's decode stage makes model-ready (multimodal/video/stage.py's VideoWork)."""
+    """A video the engine core's decode stage makes model-ready, chunk by chunk (multimodal/video/stage.py's
+    VideoWork)."""
 
     feature_index: int
+    """Index in the request's mm_features of the video's first chunk."""
     source: Any
-    """A file path, encoded bytes, or uint8 [T, H, W, 3] frames."""
+    """The encoded bytes (a uint8 array, sent as a frame of its own), or given uint8 [T, H, W, 3] frames."""
     frame_indices: tuple[int, ...] | None
     plan: tuple[int, int, int, tuple[int, int, int], int]
     """VideoPlan fields: num_frames, resized_height, resized_width, grid_thw, merge_size."""
-    source_hw: tuple[int, int]
-    settings: list[tuple[str, Any]]
+    mm_hash: str
+    chunks: list[tuple[int, int]]
+    packet_index: WirePacketIndex | None = None
+    """Set for encoded bytes."""
 
 
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):

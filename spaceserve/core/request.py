@@ -83,8 +83,8 @@ class Request:
         self.finished_time: float | None = None
         self.video_decode_start_time: float | None = None
         self.video_decode_end_time: float | None = None
-        # (index in mm_features, opaque decode job) for each video whose frames input processing left to the
-        # decode stage; the engine admits the request to the scheduler once the list is empty
+        # (index in mm_features of the video's first chunk, opaque decode job) for each video whose frames input
+        # processing left to the decode stage; the engine hands the jobs to the stage when the request arrives
         self.pending_mm_work: list[tuple[int, Any]] = []
 
     @property
@@ -109,7 +109,7 @@ class Request:
         return self.status.finished
 
     def set_mm_feature(self, index: int, feature: MultiModalFeature) -> None:
-        """Fill in a video the decode stage finished (same span, now with its content hash and pixel values)."""
+        """Fill in a video chunk the decode stage made (same span and grid, now with its pixel values)."""
         old = self.mm_features[index]
         if feature.placeholder != old.placeholder or feature.grid_thw != old.grid_thw:
             raise ValueError(f"feature {index} changed shape: {old.grid_thw} at {old.placeholder} -> {feature}")

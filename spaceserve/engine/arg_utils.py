@@ -62,7 +62,7 @@ class EngineArgs:
     video_decode_workers: int = 4
     video_decode_backend: str = "auto"
     video_cache_bytes: int = 1 << 30
-    video_decoder_sessions: int = 4
+    video_decoder_sessions: int = 8
     """NVDEC sessions per decoding GPU for GOP-parallel decoding (FlashCodec); 0 decodes each video in one session."""
     video_decoder_cpu_sessions: int | None = None
     """PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)."""
@@ -75,6 +75,8 @@ class EngineArgs:
     multiprocess: bool | None = None
     """Run the engine core in a process of its own (the default); False: in this process (tests, debugging).
     None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
+    video_chunk_tokens: int = 1024
+    """Largest chunk of a video encoded and prefilled while the rest decodes; 0: one chunk per video."""
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -129,6 +131,7 @@ class EngineArgs:
                 decoder_sessions_per_gpu=self.video_decoder_sessions,
                 decoder_cpu_sessions=self.video_decoder_cpu_sessions,
                 decode_gpus=_resolve_decode_gpus(self.video_decode_gpus),
+                chunk_tokens=self.video_chunk_tokens,
             ),
             encoder=EncoderConfig(
                 policy=self.encoder_policy,  # type: ignore[arg-type]
@@ -239,8 +242,9 @@ class EngineArgs:
         parser.add_argument(
             "--video-decoder-sessions",
             type=int,
-            default=4,
-            help="NVDEC sessions per GPU that one video is split across along GOP boundaries; 0: one session per video",
+            default=8,
+            help="NVDEC sessions per GPU (opened at start); a video takes the free ones its length needs, split along "
+            "GOP boundaries; 0: one session per video",
         )
         parser.add_argument(
             "--video-decoder-cpu-sessions",
@@ -252,6 +256,13 @@ class EngineArgs:
             "--video-decode-gpus",
             default=None,
             help="GPUs whose NVDEC decoders take part: 'all' or indices like 0,1 (default: the engine's GPU)",
+        )
+        parser.add_argument(
+            "--video-chunk-tokens",
+            type=int,
+            default=1024,
+            help="videos are encoded and prefilled chunk by chunk as they decode: the first chunk one temporal patch, "
+            "each next twice the one before, up to this many tokens; 0: one chunk per video",
         )
 
     @classmethod

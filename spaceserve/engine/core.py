@@ -24,7 +24,7 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.engine.encoder_stage import EncoderStage
-from spaceserve.engine.video_admission import PendingVideos
+from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
@@ -114,18 +114,18 @@ class EngineCore:
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
         )
         self.encoder_stage.bind_requests(self.scheduler.requests)
-        # decoder sessions kept for the engine's lifetime; each video is decoded GOP-parallel across them
+        # decoder sessions opened and warmed now, kept for the engine's lifetime; each video is decoded GOP-parallel
+        # across the free ones and handed to the encoder chunk by chunk (video_jobs.py)
         self.video_decoders = build_decoder_pool(config.video, self.device)
-        self.videos = PendingVideos(
-            VideoDecodeStage(
-                config.image_config,
-                self.device,
-                num_workers=config.video.decode_workers,
-                cache_bytes=config.video.cache_bytes,
-                backend=config.video.decode_backend,
-                decoders=self.video_decoders,
-            )
+        self.video_stage = VideoDecodeStage(
+            config.image_config,
+            self.device,
+            num_workers=config.video.decode_workers,
+            cache_bytes=config.video.cache_bytes,
+            backend=config.video.decode_backend,
+            decoders=self.video_decoders,
         )
+        self.videos = VideoJobs(self.video_stage, self.encoder_stage.scheduler, self.scheduler.requests)
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
@@ -135,16 +135,16 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queue a request input processing built. Raises InvalidInputError, engine untouched, if its id is in use or
-        an image cannot fit the encoder cache. A request with videos still to decode waits outside the scheduler
-        until the decode stage has them."""
-        if request.request_id in self.scheduler.requests or request.request_id in self.videos:
+        an image or video cannot fit the encoder cache. A request with videos joins the scheduler at once; their
+        chunks are encoded as they are decoded."""
+        if request.request_id in self.scheduler.requests:
             raise InvalidInputError(f"request id {request.request_id!r} is already in use")
         for feature in request.mm_features:
             self.encoder_stage.cache.check_fits(feature.num_tokens)
-        if request.pending_mm_work:
-            self.videos.submit(request)
-            return
+        for _, work in request.pending_mm_work:  # a video's chunks are cached together until the LM consumes them
+            self.encoder_stage.cache.check_fits(work.plan.num_tokens, "video")
         self.scheduler.add_request(request)
+        self.videos.start(request)
 
     def abort_requests(
         self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT
@@ -152,29 +152,21 @@ class EngineCore:
         """Finish requests early (a client that left: ABORT; a stop string the front saw: STOP); unknown or finished
         ids are ignored. Returns an output for each request that was still in flight."""
         now = time.monotonic()
-        status = _STATUS_OF_REASON[reason]
-        finished = []
-        for request_id in request_ids:
-            request = self.videos.abort(request_id)
-            if request is not None:
-                request.status = status
-                finished.append(request)
-        aborted = self.scheduler.finish_requests(request_ids, status)
-        for request in aborted:
-            self.model_runner.release(request.request_id)
+        aborted = self.scheduler.finish_requests(request_ids, _STATUS_OF_REASON[reason])
         outputs = []
-        for request in finished + aborted:
+        for request in aborted:
+            self._forget(request)
             request.finished_time = now
             outputs.append(self._output(request, []))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests or bool(self.videos)
+        return self.scheduler.has_unfinished_requests
 
     @property
     def num_decoding(self) -> int:
-        """Requests waiting for the decode stage (not yet in the scheduler)."""
-        return len(self.videos)
+        """Requests whose videos are still being decoded (they are in the scheduler already)."""
+        return self.videos.num_requests
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -183,7 +175,7 @@ class EngineCore:
         one is collected, so the host schedules and prepares step N+1 while the device runs step N; the outputs
         returned are those of the step collected here."""
         step_start = time.monotonic()
-        failed = self._admit_decoded()
+        failed = self._take_video_events()
         stage = self.encoder_stage
         if stage.concurrent:
             encoded = stage.collect()
@@ -256,7 +248,7 @@ class EngineCore:
                 request.first_token_time = now
             if request.is_finished:
                 request.finished_time = now
-                self.model_runner.release(request.request_id)
+                self._forget(request)
             outputs.append(self._output(request, request.output_token_ids[-1:], with_timestamps=first))
         return outputs
 
@@ -285,8 +277,8 @@ class EngineCore:
         if stage.busy:
             stage.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
             return
-        if self.videos and not encoded and not stage.has_work:
-            self.videos.wait(_IDLE_DECODE_WAIT_S)  # nothing else to run: wait a moment for a decode, don't spin
+        if self.videos.busy and not encoded and not stage.has_work:
+            self.videos.wait(_IDLE_DECODE_WAIT_S)  # nothing else to run: wait a moment for a decoded chunk
             return
         if not encoded and not stage.has_work and self.has_unfinished_requests():
             # no encoder work is queued or in flight: with nothing schedulable, nothing can ever run
@@ -295,26 +287,25 @@ class EngineCore:
                 f"requests, {stage.scheduler.num_queued_items} images queued, none can be scheduled"
             )
 
-    def _admit_decoded(self) -> list[EngineCoreOutput]:
-        """Queue the requests whose videos are all ready; finish those whose decode failed with an error output."""
-        ready, failed = self.videos.take_decoded()
+    def _take_video_events(self) -> list[EngineCoreOutput]:
+        """Hand decoded video chunks to the encoder (video_jobs.py); end the requests whose video failed."""
         outputs = []
-        for request in ready:
-            try:
-                self.scheduler.add_request(request)
-            except InvalidInputError as exc:
-                request.status = RequestStatus.FINISHED_ERROR
-                failed.append((request, str(exc)))
-        now = time.monotonic()
-        for request, message in failed:
-            request.finished_time = now
-            outputs.append(self._output(request, [], error=message))
+        for request, error in self.videos.take_events():
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
+            self._forget(request)
+            request.finished_time = time.monotonic()
+            outputs.append(self._output(request, [], error=error))
         return outputs
+
+    def _forget(self, request: Request) -> None:
+        """A finished request: stop decoding its videos and drop its runner state."""
+        self.videos.cancel(request.request_id)
+        self.model_runner.release(request.request_id)
 
     def shutdown(self) -> None:
         """Stop the encoder worker and the video decode stage, and close the decoder sessions. Idempotent."""
         self.encoder_stage.shutdown()
-        self.videos.shutdown()
+        self.video_stage.shutdown()
         if self.video_decoders is not None:
             self.video_decoders.close()
 
@@ -335,7 +326,7 @@ class EngineCore:
         kv = self.kv_manager
         return EngineCoreStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + self.num_decoding,
+            num_waiting=self.scheduler.num_waiting,  # requests decoding a video are in the scheduler already
             num_kv_blocks=kv.num_blocks,
             num_free_kv_blocks=kv.num_free_blocks,
             kv_cache_usage=kv.usage,

@@ -1,6 +1,7 @@
 """Turns a user prompt (text or token ids, plus images and videos) into a validated Request: tokenize, load and
-preprocess each image, probe and size each video (its frames are decoded later by the decode stage), expand every
-`<|image_pad|>` / `<|video_pad|>` to the item's token count, and compute M-RoPE positions."""
+preprocess each image, probe, hash and size each video (its frames are decoded later by the decode stage, chunk by
+chunk), expand every `<|image_pad|>` / `<|video_pad|>` to the item's token count (a video's run split into its
+chunks' features), and compute M-RoPE positions (over whole videos)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from spaceserve.kvcache.encoder_cache import check_fits_encoder_cache
 from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
 from spaceserve.multimodal.image import ProcessedImage, image_grid, load_image, preprocess_image, smart_resize
+from spaceserve.multimodal.video.chunks import video_chunk_features
 from spaceserve.multimodal.video.inputs import VIDEO_KWARGS, ResolvedVideo, VideoSettings, resolve_video
 from spaceserve.tokenizer.base import Tokenizer
 
@@ -27,7 +29,6 @@ PromptType = Union[str, Mapping[str, Any]]
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
 DEFAULT_LIMIT_PER_PROMPT = {"image": 16, "video": 999}
 """Used for a modality limit_mm_per_prompt does not name (999 is vLLM v1's default per modality)."""
-PENDING_VIDEO_HASH = "pending-video:"
 
 
 class InputProcessor:
@@ -39,20 +40,23 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Request:
         """Build the request. Videos are only probed here: each leaves a decode job in `request.pending_mm_work`
-        (its feature has no pixel values yet) for the engine's decode stage."""
+        (its chunks' features have no pixel values yet) for the engine's decode stage."""
         text, token_ids, mm_data, processor_kwargs = self._parse(prompt)
         images_in = [self._preprocess(image, processor_kwargs, i) for i, image in enumerate(mm_data["image"])]
         videos_in = [self._resolve_video(video, processor_kwargs, i) for i, video in enumerate(mm_data["video"])]
-        token_ids, features = self._expand_placeholders(token_ids, images_in, videos_in)
+        token_ids, features, video_starts = self._expand_placeholders(token_ids, images_in, videos_in)
+        cache_tokens = self.config.encoder.cache_tokens
         for feature in features:
-            check_fits_encoder_cache(feature.num_tokens, self.config.encoder.cache_tokens)
+            check_fits_encoder_cache(feature.num_tokens, cache_tokens)
+        for video in videos_in:  # a video's chunks stay cached together until the LM consumes them
+            check_fits_encoder_cache(video.plan.num_tokens, cache_tokens, "video")
         if len(token_ids) >= self.config.scheduler.max_model_len:
             raise InvalidInputError(
                 f"prompt is {len(token_ids)} tokens (with images and videos expanded), leaving no room to generate "
                 f"within max_model_len={self.config.scheduler.max_model_len}"
             )
         image_grids = [f.grid_thw for f in features if f.modality == "image"]
-        video_grids = [f.grid_thw for f in features if f.modality == "video"]
+        video_grids = [video.plan.grid_thw for video in videos_in]
         positions, delta = mrope_positions_for_config(
             token_ids, image_grids, video_grids, self.model_config, [v.second_per_grid_t for v in videos_in]
         )
@@ -66,8 +70,7 @@ class InputProcessor:
             mrope_position_delta=delta,
             prompt=text,
         )
-        video_indices = [i for i, f in enumerate(request.mm_features) if f.modality == "video"]
-        request.pending_mm_work = [(i, video.work) for i, video in zip(video_indices, videos_in)]
+        request.pending_mm_work = [(start, video.work) for start, video in zip(video_starts, videos_in)]
         return request
 
     def _parse(self, prompt: PromptType) -> tuple[str | None, list[int], dict[str, list[Any]], dict[str, Any]]:
@@ -166,8 +169,9 @@ class InputProcessor:
 
     def _expand_placeholders(
         self, token_ids: list[int], images: list[tuple[str, Any]], videos: list[ResolvedVideo]
-    ) -> tuple[list[int], list[MultiModalFeature]]:
-        """Expand each `<|image_pad|>` / `<|video_pad|>` to its item's tokens, in prompt order."""
+    ) -> tuple[list[int], list[MultiModalFeature], list[int]]:
+        """Expand each `<|image_pad|>` / `<|video_pad|>` to its item's tokens, in prompt order. Returns the ids,
+        the features (a video as its chunks) and the index of each video's first chunk among the features."""
         pad_tokens = {"image": self.model_config.image_token_id, "video": self.model_config.video_token_id}
         for modality, items in (("image", images), ("video", videos)):
             num_placeholders = token_ids.count(pad_tokens[modality])
@@ -178,6 +182,7 @@ class InputProcessor:
                 )
         expanded: list[int] = []
         features: list[MultiModalFeature] = []
+        video_starts: list[int] = []
         image_iter, video_iter = iter(images), iter(videos)
         for token in token_ids:
             if token == pad_tokens["image"]:
@@ -190,21 +195,18 @@ class InputProcessor:
                     grid_thw=processed.grid_thw,
                     pixel_values=processed.pixel_values,
                 )
+                expanded.extend([token] * feature.num_tokens)
+                features.append(feature)
             elif token == pad_tokens["video"]:
-                plan = next(video_iter).plan
-                feature = MultiModalFeature(
-                    mm_hash=f"{PENDING_VIDEO_HASH}{len(features)}",  # the decode stage hashes the content
-                    modality="video",
-                    placeholder=PlaceholderRange(len(expanded), plan.num_tokens),
-                    num_patches=plan.num_patches,
-                    grid_thw=plan.grid_thw,
+                work = next(video_iter).work
+                video_starts.append(len(features))
+                features += video_chunk_features(
+                    work.mm_hash, len(expanded), work.plan.grid_thw, work.plan.merge_size, work.chunks
                 )
+                expanded.extend([token] * work.plan.num_tokens)
             else:
                 expanded.append(token)
-                continue
-            expanded.extend([token] * feature.num_tokens)
-            features.append(feature)
-        return expanded, features
+        return expanded, features, video_starts
 
 
 def _is_video_list(value: list[Any]) -> bool:

@@ -4,8 +4,12 @@ arrays (pixels, raw RGB, M-RoPE positions, video frames) and the plans of videos
 
 from __future__ import annotations
 
-from spaceserve.core.engine_messages import EngineCoreRequest, WireFeature, WireVideoJob
-from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange, RawImage
+from fractions import Fraction
+
+import numpy as np
+
+from spaceserve.core.engine_messages import EngineCoreRequest, WireFeature, WirePacketIndex, WireVideoJob
+from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange, RawImage, VideoChunk
 from spaceserve.core.request import Request
 from spaceserve.multimodal.video.processor import VideoPlan
 from spaceserve.multimodal.video.stage import VideoWork
@@ -45,10 +49,13 @@ def _feature_to_wire(feature: MultiModalFeature) -> WireFeature:
     if isinstance(pixels, RawImage):
         pixels, raw = pixels.rgb, (pixels.height, pixels.width)
     span = feature.placeholder
+    chunk = feature.chunk
     return WireFeature(
         feature.mm_hash, feature.modality, span.offset, span.length, feature.num_patches, tuple(feature.grid_thw),
         pixels, raw,
-    )
+        None if chunk is None else (chunk.video_hash, chunk.index, chunk.num_chunks, chunk.t_start, chunk.t_end),
+        feature.inputs_pending,
+    )  # fmt: skip
 
 
 def _feature_from_wire(wire: WireFeature) -> MultiModalFeature:
@@ -62,24 +69,84 @@ def _feature_from_wire(wire: WireFeature) -> MultiModalFeature:
         num_patches=wire.num_patches,
         grid_thw=tuple(wire.grid_thw),
         pixel_values=pixels,
+        chunk=None if wire.chunk is None else VideoChunk(*wire.chunk),
+        inputs_pending=wire.inputs_pending,
     )
 
 
 def _video_to_wire(index: int, work: VideoWork) -> WireVideoJob:
+    from spaceserve.multimodal.video.decode import IndexedVideo
+
     plan = work.plan
+    source, packet_index = work.source, None
+    if isinstance(source, IndexedVideo):
+        source, packet_index = np.frombuffer(source.source, dtype=np.uint8), _index_to_wire(source.index)
     return WireVideoJob(
         feature_index=index,
-        source=work.source,
+        source=source,
         frame_indices=work.frame_indices,
         plan=(plan.num_frames, plan.resized_height, plan.resized_width, tuple(plan.grid_thw), plan.merge_size),
-        source_hw=tuple(work.source_hw),
-        settings=[tuple(item) for item in work.settings],
+        mm_hash=work.mm_hash,
+        chunks=[tuple(chunk) for chunk in work.chunks],
+        packet_index=packet_index,
     )
 
 
 def _video_from_wire(job: WireVideoJob) -> VideoWork:
+    from spaceserve.multimodal.video.decode import IndexedVideo
+
     num_frames, height, width, grid, merge = job.plan
     plan = VideoPlan(num_frames, height, width, tuple(grid), merge)
-    settings = tuple((key, tuple(value) if isinstance(value, list) else value) for key, value in job.settings)
     frame_indices = tuple(job.frame_indices) if job.frame_indices is not None else None
-    return VideoWork(job.source, frame_indices, plan, tuple(job.source_hw), settings)
+    source = job.source
+    if job.packet_index is not None:
+        source = IndexedVideo(np.asarray(source).tobytes(), _index_from_wire(job.packet_index))
+    chunks = tuple((int(start), int(end)) for start, end in job.chunks)
+    return VideoWork(source, frame_indices, plan, job.mm_hash, chunks)
+
+
+def _index_to_wire(index) -> WirePacketIndex:
+    packets = index.packets
+    return WirePacketIndex(
+        stream_index=index.stream_index,
+        codec=index.codec,
+        pix_fmt=index.pix_fmt,
+        profile=index.profile,
+        width=index.width,
+        height=index.height,
+        fps=index.fps,
+        time_base=(index.time_base.numerator, index.time_base.denominator),
+        pts=np.array([p.pts for p in packets], dtype=np.int64),
+        dts=np.array([0 if p.dts is None else p.dts for p in packets], dtype=np.int64),
+        has_dts=np.array([p.dts is not None for p in packets], dtype=np.bool_),
+        is_keyframe=np.array([p.is_keyframe for p in packets], dtype=np.bool_),
+        pts_by_frame=np.array(index.pts_by_frame, dtype=np.int64),
+        keyframe_packets=np.array(index.keyframe_packets, dtype=np.int64),
+        keyframe_frames=np.array(index.keyframe_frames, dtype=np.int64),
+        open_gop=index.open_gop,
+    )
+
+
+def _index_from_wire(wire: WirePacketIndex):
+    from spaceserve.multimodal.video.gop import PacketIndex, PacketInfo
+
+    packets = tuple(
+        PacketInfo(int(pts), int(dts) if has_dts else None, bool(key))
+        for pts, dts, has_dts, key in zip(wire.pts.tolist(), wire.dts.tolist(), wire.has_dts.tolist(),
+                                          wire.is_keyframe.tolist())
+    )  # fmt: skip
+    return PacketIndex(
+        stream_index=wire.stream_index,
+        codec=wire.codec,
+        pix_fmt=wire.pix_fmt,
+        profile=wire.profile,
+        width=wire.width,
+        height=wire.height,
+        fps=wire.fps,
+        time_base=Fraction(*wire.time_base),
+        packets=packets,
+        pts_by_frame=tuple(wire.pts_by_frame.tolist()),
+        keyframe_packets=tuple(wire.keyframe_packets.tolist()),
+        keyframe_frames=tuple(wire.keyframe_frames.tolist()),
+        open_gop=wire.open_gop,
+    )

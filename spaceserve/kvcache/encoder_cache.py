@@ -1,4 +1,5 @@
-"""Bookkeeping of the encoder cache: which images' embeddings are (or are being) stored, and who needs them.
+"""Bookkeeping of the encoder cache: which images' and video chunks' embeddings are (or are being) stored, and who
+needs them. A video is stored as its chunks, one entry each, released one by one as the LM consumes them.
 
 The tensors live with the encoder runner, keyed by mm_hash; this class decides what is stored and evicted.
 An entry is pending from `allocate` until `mark_ready`; pending entries are never evicted (the encoder is writing
@@ -24,11 +25,11 @@ class EncoderCacheFullError(RuntimeError):
     """`allocate` was called without room; callers check `can_allocate` first."""
 
 
-def check_fits_encoder_cache(num_tokens: int, capacity_tokens: int) -> None:
+def check_fits_encoder_cache(num_tokens: int, capacity_tokens: int, item: str = "image") -> None:
     """Raise EncoderCacheTooSmallError if an item of `num_tokens` embedding rows could never be cached."""
     if num_tokens > capacity_tokens:
         raise EncoderCacheTooSmallError(
-            f"image needs {num_tokens} encoder tokens but the encoder cache holds {capacity_tokens}; "
+            f"{item} needs {num_tokens} encoder tokens but the encoder cache holds {capacity_tokens}; "
             "raise encoder cache_tokens or lower max_pixels"
         )
 
@@ -70,8 +71,8 @@ class EncoderCache:
         """Fraction of capacity held by entries, evictable ones included."""
         return 1.0 - self._free_tokens / self.capacity_tokens
 
-    def check_fits(self, num_tokens: int) -> None:
-        check_fits_encoder_cache(num_tokens, self.capacity_tokens)
+    def check_fits(self, num_tokens: int, item: str = "image") -> None:
+        check_fits_encoder_cache(num_tokens, self.capacity_tokens, item)
 
     def contains(self, mm_hash: str) -> bool:
         return mm_hash in self._entries

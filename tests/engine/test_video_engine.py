@@ -1,12 +1,11 @@
-"""Videos through the engine: files, bytes and given frames; the decode stage outside the step loop (requests
-enter the scheduler only when their frames are ready, aborts and failures while decoding leak nothing); the
-processed-video cache; bad videos rejected with an error naming the problem while other requests finish."""
+"""Videos through the engine: files, bytes and given frames; the decode stage outside the step loop (a request
+joins the scheduler at once and prefills its text while its video decodes; aborts and failures while decoding leak
+nothing); the processed-video cache; bad videos rejected with an error naming the problem while others finish."""
 
 from __future__ import annotations
 
 import base64
 import io
-import threading
 
 import av
 import numpy as np
@@ -20,6 +19,7 @@ from spaceserve.multimodal.video.errors import InvalidVideoError
 from spaceserve.multimodal.video.processor import VideoProcessingParams, plan_video, preprocess_video
 from spaceserve.multimodal.video.sampling import VideoSamplingParams, sample_frame_indices
 from spaceserve.multimodal.video.synthetic import make_clip
+from tests.engine.video_helpers import HeldDecode, whole_videos
 from tests.llm_factory import make_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4)
@@ -85,19 +85,19 @@ def test_file_bytes_and_sampled_frames_give_the_same_tokens_and_pixels(clip, tmp
     device = llm.llm_engine.core.device
     expected = preprocess_video(torch.from_numpy(frames[indices]).to(device), plan, llm.llm_engine.config.image_config)
     for request in requests:
-        (feature,) = request.mm_features
-        assert feature.modality == "video" and feature.grid_thw == plan.grid_thw
-        assert feature.pixel_values.equal(expected.pixel_values)
+        ((grid, pixel_values),) = whole_videos(request)
+        assert grid == plan.grid_thw and pixel_values.equal(expected.pixel_values)
     metrics = outputs["bytes"].metrics
     assert metrics["arrival_time"] <= metrics["video_decode_start_time"] <= metrics["video_decode_end_time"]
-    assert metrics["video_decode_end_time"] <= metrics["first_scheduled_time"] <= metrics["first_token_time"]
+    assert metrics["arrival_time"] <= metrics["first_scheduled_time"] <= metrics["first_token_time"]
+    assert metrics["encoder_enqueued_time"] <= metrics["encoder_end_time"] <= metrics["first_token_time"]
     engine.check_idle_integrity()
     engine.shutdown()
 
 
 def test_same_video_hits_the_processed_video_cache_and_settings_change_the_key(llm, clip):
     engine = llm.llm_engine
-    cache = engine.core.videos.stage.cache
+    cache = engine.core.video_stage.cache
     first = engine.add_request(_video_prompt(clip, fps=1.0), PARAMS)
     _run(engine)
     hits = cache.hits
@@ -107,64 +107,60 @@ def test_same_video_hits_the_processed_video_cache_and_settings_change_the_key(l
     assert cache.hits == hits + 1
     assert first.mm_features[0].mm_hash == again.mm_features[0].mm_hash != other.mm_features[0].mm_hash
     # 3 s at 1 fps is 3 frames, raised to min_frames=4 (2 temporal patches); at 3 fps 9, rounded down to 8
-    assert (first.mm_features[0].grid_thw[0], other.mm_features[0].grid_thw[0]) == (2, 4)
+    assert (whole_videos(first)[0][0][0], whole_videos(other)[0][0][0]) == (2, 4)
     engine.check_idle_integrity()
 
 
-def test_request_waits_outside_the_scheduler_while_decoding_and_others_run(llm, clip, monkeypatch):
+def test_request_prefills_its_text_while_its_video_decodes_and_others_run(llm, clip, monkeypatch):
     engine = llm.llm_engine
-    release = threading.Event()
-    real_decode = decode_module.decode_frames
-
-    def slow_decode(*args, **kwargs):
-        assert release.wait(30)
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(decode_module, "decode_frames", slow_decode)
-    video = engine.add_request(_video_prompt(clip, num_frames=14), PARAMS, "slow-video")
+    held = HeldDecode()
+    monkeypatch.setattr(decode_module, "start_decode", held)
+    prompt = {"prompt": "Tell me what happens in this clip. " + VIDEO_PROMPT, "multi_modal_data": {"video": clip}}
+    video = engine.add_request(prompt | {"mm_processor_kwargs": {"num_frames": 14}}, PARAMS, "slow-video")
     engine.add_request("hello there", PARAMS, "text")
-    assert engine.core.num_decoding == 1 and "slow-video" not in engine.core.scheduler.requests
+    assert engine.core.num_decoding == 1 and "slow-video" in engine.core.scheduler.requests
+    text_before_video = video.mm_features[0].placeholder.offset
+    assert text_before_video > 4
     finished = {}
     while "text" not in finished:
         finished |= {o.request_id: o for o in engine.step() if o.finished}
-    assert engine.has_unfinished_requests() and video.num_computed_tokens == 0
+    assert held.started.is_set() and engine.has_unfinished_requests()
+    assert video.num_computed_tokens == text_before_video and not video.output_token_ids
     with pytest.raises(InvalidInputError, match="already in use"):
         engine.add_request("dup", PARAMS, "slow-video")
-    release.set()
+    held.release.set()
     finished = _run(engine)
     assert finished["slow-video"].error is None and len(finished["slow-video"].outputs[0].token_ids) == 4
     engine.check_idle_integrity()
 
 
-def test_abort_while_decoding_leaks_nothing(llm, clip, monkeypatch):
+@pytest.mark.parametrize("open_frames", [0, 6], ids=["before any chunk", "after the first chunks"])
+def test_abort_while_decoding_leaks_nothing(llm, clip, monkeypatch, open_frames):
     engine = llm.llm_engine
-    started, release = threading.Event(), threading.Event()
-    real_decode = decode_module.decode_frames
-
-    def blocked_decode(*args, **kwargs):
-        started.set()
-        assert release.wait(30)
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(decode_module, "decode_frames", blocked_decode)
-    engine.add_request(_video_prompt(clip, num_frames=16), PARAMS, "abort-me")
-    assert started.wait(30)
+    held = HeldDecode(open_frames=open_frames)
+    monkeypatch.setattr(decode_module, "start_decode", held)
+    video = engine.add_request(_video_prompt(clip, num_frames=16), PARAMS, "abort-me")
+    assert held.started.wait(30)
+    for _ in range(50):  # let the chunks whose frames are there be encoded and prefilled
+        engine.step()
+    ready = [f for f in video.mm_features if not f.inputs_pending]
+    assert len(ready) == (0 if open_frames == 0 else 2)  # chunks of 1 and 2 temporal patches: frames 0-5
+    assert video.num_computed_tokens == (ready[-1].placeholder.end if ready else video.mm_features[0].placeholder.offset)
     (output,) = engine.abort_request(["abort-me"])
     assert output.finished and output.outputs[0].finish_reason == "abort"
-    assert not engine.has_unfinished_requests()
-    release.set()
-    engine.step()  # the late result is dropped
-    assert "abort-me" not in engine.core.scheduler.requests
+    assert not engine.has_unfinished_requests() and engine.core.num_decoding == 0
+    held.release.set()
+    engine.step()  # the late chunks are dropped
+    assert "abort-me" not in engine.core.scheduler.requests and engine.core.video_stage.num_jobs == 0
     engine.check_idle_integrity()
 
 
-def test_decode_failure_finishes_only_that_request(llm, clip, monkeypatch):
+@pytest.mark.parametrize("open_frames", [0, 4], ids=["before any chunk", "after the first chunks"])
+def test_decode_failure_finishes_only_that_request(llm, clip, monkeypatch, open_frames):
     engine = llm.llm_engine
-
-    def broken_decode(*args, **kwargs):
-        raise InvalidVideoError("corrupt packet in GOP 0")
-
-    monkeypatch.setattr(decode_module, "decode_frames", broken_decode)
+    held = HeldDecode(open_frames=open_frames, fail_after=InvalidVideoError("corrupt packet in GOP 1"))
+    held.release.set()
+    monkeypatch.setattr(decode_module, "start_decode", held)
     engine.add_request(_video_prompt(clip, num_frames=18), PARAMS, "broken")
     engine.add_request("still fine", PARAMS, "text")
     finished = _run(engine)

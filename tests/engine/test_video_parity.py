@@ -22,6 +22,7 @@ from tests.engine.parity import (
     reference_processor,
     reference_video_inputs,
 )
+from tests.engine.video_helpers import whole_videos
 from tests.llm_factory import make_llm
 from tests.tiny_checkpoints import load_reference_model, make_tiny_checkpoint
 from tests.tiny_tokenizer import write_tiny_tokenizer
@@ -94,10 +95,9 @@ def test_video_prompt_matches_transformers(case, index):
     outputs = []
     while engine.has_unfinished_requests():
         outputs += [o for o in engine.step() if o.finished]
-    videos = [f for f in request.mm_features if f.modality == "video"]
-    for feature, (rows, grid) in zip(videos, video_rows[index], strict=True):
-        assert list(feature.grid_thw) == grid
-        assert feature.pixel_values.equal(rows)
+    for (our_grid, our_rows), (rows, grid) in zip(whole_videos(request), video_rows[index], strict=True):
+        assert list(our_grid) == grid
+        assert our_rows.equal(rows)
     assert _tokens(outputs) == [expected[index]]
     engine.check_idle_integrity()
 

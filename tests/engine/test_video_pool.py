@@ -1,5 +1,6 @@
-"""The engine's decoder pool: created from EngineArgs' video flags, used by the decode stage so one video is decoded
-GOP-parallel (bit-exact with one session), and closed with the engine (offline and under AsyncLLM)."""
+"""The engine's decoder pool: created from EngineArgs' video flags, warmed when the engine starts, used by the decode
+stage so one video is decoded GOP-parallel over the free sessions (bit-exact with one session), and closed with the
+engine (offline and under AsyncLLM)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from spaceserve.config import VideoConfig
 from spaceserve.core.errors import ConfigError
 from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.async_llm import AsyncLLM
-from spaceserve.multimodal.video import flashcodec
 from spaceserve.multimodal.video import decode as decode_module
 from spaceserve.multimodal.video.decode import decode_frames, probe_video
 from spaceserve.multimodal.video.nvdec_backend import _import_torchcodec
@@ -22,6 +22,7 @@ from spaceserve.multimodal.video.processor import VideoProcessingParams, plan_vi
 from spaceserve.multimodal.video.sampling import VideoSamplingParams, sample_frame_indices
 from spaceserve.multimodal.video.stage import build_decoder_pool
 from spaceserve.multimodal.video.synthetic import make_clip
+from tests.engine.video_helpers import whole_videos
 from tests.llm_factory import TEST_KV_CACHE_BYTES, make_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=3)
@@ -57,7 +58,8 @@ def test_cli_flags_reach_the_video_config(two_visible_gpus):
     ).create_engine_config().video
     assert (video.decoder_sessions_per_gpu, video.decoder_cpu_sessions, video.decode_gpus) == (3, 5, (1, 0))
     default = _parse().create_engine_config().video
-    assert (default.decoder_sessions_per_gpu, default.decoder_cpu_sessions, default.decode_gpus) == (4, None, None)
+    assert (default.decoder_sessions_per_gpu, default.decoder_cpu_sessions, default.decode_gpus) == (8, None, None)
+    assert default.chunk_tokens == 1024 and _parse("--video-chunk-tokens", "0").create_engine_config().video.chunk_tokens == 0
     assert _parse("--video-decode-gpus", "all").create_engine_config().video.decode_gpus == (0, 1)
 
 
@@ -69,6 +71,7 @@ def test_cli_flags_reach_the_video_config(two_visible_gpus):
         ({"video_decode_gpus": "0,x"}, "'all' or device indices"),
         ({"video_decode_gpus": "1,1"}, "distinct CUDA device indices"),
         ({"video_decode_gpus": "0,2"}, "names 2, but only 2 GPUs are visible"),
+        ({"video_chunk_tokens": -1}, "chunk_tokens must be >= 0"),
     ],
 )
 def test_bad_decoder_settings_are_rejected_by_name(kwargs, message, two_visible_gpus):
@@ -110,28 +113,38 @@ def _expected_pixels(clip: bytes, engine, backend: str) -> tuple[torch.Tensor, s
     return preprocess_video(decoded.frames, plan, image_config).pixel_values, decoded.backend
 
 
-def test_engine_decodes_a_video_gop_parallel_bit_exact_with_one_session(clip, monkeypatch):
+def _counting_start_decode(monkeypatch) -> list:
+    """Record (pool, backend, sessions) of every decode the stage starts."""
+    started = []
+    real_start = decode_module.start_decode
+
+    def counting(*args, **kwargs):
+        decode = real_start(*args, **kwargs)
+        started.append((kwargs["decoders"], decode.backend, decode.num_sessions))
+        return decode
+
+    monkeypatch.setattr(decode_module, "start_decode", counting)
+    return started
+
+
+def test_engine_warms_its_sessions_and_decodes_gop_parallel_bit_exact_with_one_session(clip, monkeypatch):
     # the PyAV sessions of the pool, on any engine device (a CUDA engine would otherwise decode with NVDEC)
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_cpu_sessions=3, video_decode_backend="pyav")
     engine = llm.llm_engine
     pool = engine.core.video_decoders
-    assert pool is not None and engine.core.videos.stage.decoders is pool and pool.config.cpu_sessions == 3
-    chunk_counts = []
-    real_decode_pyav = flashcodec.decode_pyav
-
-    def counting_decode_pyav(*args, **kwargs):
-        frames, chunks = real_decode_pyav(*args, **kwargs)
-        chunk_counts.append((kwargs["pool"], chunks))
-        return frames, chunks
-
-    monkeypatch.setattr(flashcodec, "decode_pyav", counting_decode_pyav)
+    assert pool is not None and engine.core.video_stage.decoders is pool and pool.config.cpu_sessions == 3
+    # started and warmed with the engine: three session threads exist before any video arrives
+    assert len(pool.cpu_executor()._threads) == 3 and "cpu" in engine.core.video_stage.warm_up_s
+    started = _counting_start_decode(monkeypatch)
     request = engine.add_request({"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip}}, PARAMS)
     outputs = _run(engine)
     assert outputs[request.request_id].error is None and len(outputs[request.request_id].outputs[0].token_ids) == 3
-    assert chunk_counts == [(pool, 3)]  # split across all three sessions
+    assert started == [(pool, "pyav", 3)]  # 4 GOPs hold sampled frames: all three free sessions take part
+    assert pool.num_free_sessions() == 3  # given back
     monkeypatch.undo()
     expected, backend = _expected_pixels(clip, engine, "pyav")
-    assert backend == "pyav" and request.mm_features[0].pixel_values.equal(expected)
+    ((_, pixel_values),) = whole_videos(request)
+    assert backend == "pyav" and pixel_values.equal(expected)
     engine.check_idle_integrity()
 
     engine.shutdown()
@@ -144,22 +157,14 @@ def test_zero_sessions_decodes_in_one_session_with_the_same_pixels(clip, monkeyp
     # the default backend: PyAV on the CPU, NVDEC on a GPU with torchcodec (else PyAV); expected by the same one
     llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, video_decoder_sessions=0)
     engine = llm.llm_engine
-    assert engine.core.video_decoders is None and engine.core.videos.stage.decoders is None
-    engine_decodes = []
-    real_decode_frames = decode_module.decode_frames
-
-    def recording_decode_frames(*args, **kwargs):
-        decoded = real_decode_frames(*args, **kwargs)
-        engine_decodes.append((kwargs["decoders"], decoded.backend, decoded.num_chunks))
-        return decoded
-
-    monkeypatch.setattr(decode_module, "decode_frames", recording_decode_frames)
+    assert engine.core.video_decoders is None and engine.core.video_stage.decoders is None
+    started = _counting_start_decode(monkeypatch)
     request = engine.add_request({"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip}}, PARAMS)
     assert _run(engine)[request.request_id].error is None
     monkeypatch.undo()
     expected, backend = _expected_pixels(clip, engine, engine.config.video.decode_backend)
-    assert engine_decodes == [(None, backend, 1)]
-    assert request.mm_features[0].pixel_values.equal(expected)
+    assert started == [(None, backend, 1)]
+    assert whole_videos(request)[0][1].equal(expected)
     engine.shutdown()
 
 
@@ -174,22 +179,15 @@ def test_engine_decodes_a_video_over_nvdec_sessions_bit_exact_with_one_session(c
     engine = llm.llm_engine
     pool = engine.core.video_decoders
     assert engine.core.device.type == "cuda" and pool.num_gpu_sessions() == 3
-    chunk_counts = []
-    real_decode_nvdec = flashcodec.decode_nvdec
-
-    def counting_decode_nvdec(*args, **kwargs):
-        frames, chunks = real_decode_nvdec(*args, **kwargs)
-        chunk_counts.append((kwargs["pool"], chunks))
-        return frames, chunks
-
-    monkeypatch.setattr(flashcodec, "decode_nvdec", counting_decode_nvdec)
+    assert len(pool.gpu_executor(engine.core.device.index or 0)._threads) == 3  # warmed at start
+    started = _counting_start_decode(monkeypatch)
     request = engine.add_request({"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip}}, PARAMS)
     outputs = _run(engine)
     assert outputs[request.request_id].error is None and len(outputs[request.request_id].outputs[0].token_ids) == 3
-    assert chunk_counts == [(pool, 3)]  # split across the GPU's three NVDEC sessions
+    assert started == [(pool, "nvdec", 3)]  # split across the GPU's three NVDEC sessions
     monkeypatch.undo()
     expected, backend = _expected_pixels(clip, engine, "nvdec")
-    assert backend == "nvdec" and request.mm_features[0].pixel_values.equal(expected)
+    assert backend == "nvdec" and whole_videos(request)[0][1].equal(expected)
     engine.check_idle_integrity()
     engine.shutdown()
 

@@ -1,7 +1,9 @@
 """A user's video (file path, encoded bytes, or already-sampled frames) -> the decode job for it, sized up front.
 
-Only a probe runs here (container metadata, no frames decoded): it is enough to reject bad input with a clear
-error and to know the video's token count, so the request's prompt can be expanded before its frames exist.
+Only a probe runs here (the container's packets indexed, no frames decoded): it is enough to reject bad input with
+a clear error and to know the video's token count and chunks, so the request's prompt can be expanded and the
+request scheduled before its frames exist. The content is hashed here too (the chunks' cache keys derive from it);
+the decode stage reuses the probe's packet index instead of demuxing again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from PIL import Image
 from spaceserve.config import VideoConfig
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.models.config import ImageProcessorConfig
+from spaceserve.multimodal.hashing import hash_video
+from spaceserve.multimodal.video.chunks import plan_video_chunks
 from spaceserve.multimodal.video.processor import VideoPlan, VideoProcessingParams, plan_video
 from spaceserve.multimodal.video.sampling import VideoSamplingParams, sample_frame_indices, sampled_fps
 from spaceserve.multimodal.video.stage import VideoWork
@@ -74,21 +78,29 @@ def resolve_video(
         path = os.fspath(video)
         if not os.path.isfile(path):
             raise InvalidInputError(f"video file not found: {path}")
-        return _resolve_encoded(path, settings, cfg, video_config)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read video file {path}: {exc.strerror or exc}") from None
+        if not data:
+            raise InvalidInputError(f"video file is empty (0 bytes): {path}")
+        return _resolve_encoded(data, settings, cfg, video_config)
     if isinstance(video, (bytes, bytearray, memoryview)):
         data = bytes(video)
         if not data:
             raise InvalidInputError("video bytes are empty")
         return _resolve_encoded(data, settings, cfg, video_config)
-    return _resolve_frames(_frames_tensor(video), settings, cfg)
+    return _resolve_frames(_frames_tensor(video), settings, cfg, video_config)
 
 
 def _resolve_encoded(
-    source: str | bytes, settings: VideoSettings, cfg: ImageProcessorConfig, video_config: VideoConfig
+    data: bytes, settings: VideoSettings, cfg: ImageProcessorConfig, video_config: VideoConfig
 ) -> ResolvedVideo:
-    from spaceserve.multimodal.video.decode import probe_video
+    from spaceserve.multimodal.video.decode import index_video
 
-    meta = probe_video(source)
+    video = index_video(data)
+    meta = video.metadata
     if meta.fps is None or not math.isfinite(meta.fps) or meta.fps <= 0:
         raise InvalidInputError(f"video has an unknown or zero frame rate ({meta.fps})")
     if meta.num_frames is None or meta.num_frames < 1:
@@ -102,11 +114,14 @@ def _resolve_encoded(
     indices = sample_frame_indices(meta.num_frames, meta.fps, settings.sampling)
     plan = plan_video(len(indices), meta.height, meta.width, cfg, settings.processing)
     rate = sampled_fps(meta.num_frames, meta.fps, len(indices))
-    work = VideoWork(source, tuple(indices), plan, (meta.height, meta.width), _settings_key(settings, indices))
+    mm_hash = hash_video(data, "bytes", **dict(_settings_key(settings, indices)))
+    work = VideoWork(video, tuple(indices), plan, mm_hash, _chunks(plan, video_config))
     return ResolvedVideo(work, cfg.temporal_patch_size / rate)
 
 
-def _resolve_frames(frames: torch.Tensor, settings: VideoSettings, cfg: ImageProcessorConfig) -> ResolvedVideo:
+def _resolve_frames(
+    frames: torch.Tensor, settings: VideoSettings, cfg: ImageProcessorConfig, video_config: VideoConfig
+) -> ResolvedVideo:
     total = frames.shape[0]
     indices: list[int] | None = None
     if settings.do_sample_frames:
@@ -122,9 +137,17 @@ def _resolve_frames(frames: torch.Tensor, settings: VideoSettings, cfg: ImagePro
     count = total if indices is None else len(indices)
     plan = plan_video(count, frames.shape[1], frames.shape[2], cfg, settings.processing)
     frames_fps = settings.sampling.fps or DEFAULT_FRAMES_FPS
-    key = _settings_key(settings, indices)
-    work = VideoWork(frames, None if indices is None else tuple(indices), plan, tuple(frames.shape[1:3]), key)
+    shape = "x".join(str(d) for d in frames.shape)
+    content = memoryview(frames.numpy()).cast("B")
+    mm_hash = hash_video(content, f"frames:{shape}", **dict(_settings_key(settings, indices)))
+    chunks = _chunks(plan, video_config)
+    work = VideoWork(frames, None if indices is None else tuple(indices), plan, mm_hash, chunks)
     return ResolvedVideo(work, cfg.temporal_patch_size / frames_fps)
+
+
+def _chunks(plan: VideoPlan, video_config: VideoConfig) -> tuple[tuple[int, int], ...]:
+    grid_t, grid_h, grid_w = plan.grid_thw
+    return plan_video_chunks(grid_t, grid_h * grid_w // plan.merge_size**2, video_config.chunk_tokens)
 
 
 def _check_requested_frames(sampling: VideoSamplingParams) -> None:

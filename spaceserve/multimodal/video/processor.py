@@ -8,7 +8,9 @@ mean/std, padded to a whole number of temporal patches by repeating the last fra
 merge window by merge window. Runs wherever the frames are, so frames decoded on the GPU stay there.
 
 The resize sizes depend only on the frame size and count, so `plan_video` can size a request (its token count)
-from a probe, before any frame is decoded.
+from a probe, before any frame is decoded. Every step works frame by frame and rows come out temporal patch by
+temporal patch, so a chunk of temporal patches is preprocessed from its own frames alone (`preprocess_video_chunk`)
+into exactly its slice of the whole video's rows: the decode stage preprocesses each chunk as soon as it is decoded.
 """
 
 from __future__ import annotations
@@ -94,21 +96,47 @@ def plan_video(
 
 def preprocess_video(frames: torch.Tensor, plan: VideoPlan, cfg: ImageProcessorConfig) -> ProcessedVideo:
     """uint8 [T, H, W, 3] frames (any device) -> ProcessedVideo on the same device."""
-    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-        raise InvalidInputError(
-            f"expected uint8 frames of shape [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
-        )
+    _check_frames(frames)
     if frames.shape[0] != plan.num_frames:
         raise InvalidInputError(f"got {frames.shape[0]} frames, the plan expects {plan.num_frames}")
+    return ProcessedVideo(pixel_values=preprocess_video_chunk(frames, plan, cfg, 0, plan.grid_thw[0]), plan=plan)
+
+
+def chunk_frame_range(plan: VideoPlan, temporal_patch_size: int, t_start: int, t_end: int) -> tuple[int, int]:
+    """The sampled frames [first, end) behind temporal patches [t_start, t_end): a whole number of temporal patches,
+    except that the last chunk ends at the last frame there is (its last patch repeats that frame)."""
+    if not 0 <= t_start < t_end <= plan.grid_thw[0]:
+        raise ValueError(f"temporal patches [{t_start}, {t_end}) are not inside a grid of {plan.grid_thw[0]}")
+    return t_start * temporal_patch_size, min(t_end * temporal_patch_size, plan.num_frames)
+
+
+def preprocess_video_chunk(
+    frames: torch.Tensor, plan: VideoPlan, cfg: ImageProcessorConfig, t_start: int, t_end: int
+) -> torch.Tensor:
+    """The pixel-value rows of temporal patches [t_start, t_end) from that chunk's frames (`chunk_frame_range`):
+    exactly rows [t_start * h * w, t_end * h * w) of the whole video's, since every step works frame by frame and
+    rows are ordered temporal patch first."""
+    _check_frames(frames)
+    first, end = chunk_frame_range(plan, cfg.temporal_patch_size, t_start, t_end)
+    if frames.shape[0] != end - first:
+        raise InvalidInputError(
+            f"got {frames.shape[0]} frames for temporal patches [{t_start}, {t_end}), the plan gives {end - first}"
+        )
     channels_first = frames.permute(0, 3, 1, 2).contiguous()  # [T, 3, H, W], the layout transformers resizes
     resized = resize_frames(channels_first, plan.resized_height, plan.resized_width)
     table = _normalization_table(cfg.image_mean, cfg.image_std).to(resized.device)
     channel_offsets = torch.arange(3, device=resized.device).view(1, 3, 1, 1) * 256
     normalized = table.view(-1)[resized.long() + channel_offsets]  # float32 [T, 3, h, w]
-    if pad := -normalized.shape[0] % cfg.temporal_patch_size:
+    if pad := (t_end - t_start) * cfg.temporal_patch_size - normalized.shape[0]:
         normalized = torch.cat([normalized, normalized[-1:].expand(pad, -1, -1, -1)])
-    pixel_values = _patchify_video(normalized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    return ProcessedVideo(pixel_values=pixel_values, plan=plan)
+    return _patchify_video(normalized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+
+
+def _check_frames(frames: torch.Tensor) -> None:
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise InvalidInputError(
+            f"expected uint8 frames of shape [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
+        )
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -6,10 +6,11 @@ with the largest image the processor allows) and one eager decode step at the la
 in for the graph pool). Then
 
     KV bytes = total x gpu_memory_utilization - non-torch usage - weights - peak activations
-               - CUDA-graph estimate - vision CUDA graphs - encoder cache
+               - CUDA-graph estimate - vision CUDA graphs - encoder cache - processed-video cache
 
 and the number of blocks is KV bytes // bytes per block. The encoder cache is counted at its capacity
-(EncoderConfig.cache_tokens rows of the LM hidden size). `time` multiplexing never runs the encoder and the LM
+(EncoderConfig.cache_tokens rows of the LM hidden size), and so is the cache of processed videos (their pixel
+values live on the engine's device: VideoConfig.cache_bytes). `time` multiplexing never runs the encoder and the LM
 at once, so their peaks overlap (max); concurrent modes add them. PyTorch's caching allocator keeps each stream's
 freed blocks for that stream, so a stage that runs on several streams (space: the LM on the whole device and on its
 partition) is counted once per stream, and so is each set of decode graphs.
@@ -94,6 +95,7 @@ class MemoryPlan:
     cuda_graph_bytes: int = 0
     vision_graph_bytes: int = 0
     encoder_cache_bytes: int = 0
+    video_cache_bytes: int = 0
 
     def summary(self) -> str:
         if self.source != "profiled":
@@ -104,7 +106,7 @@ class MemoryPlan:
             f"weights {self.weights_bytes / _GIB:.2f}, peak activations {self.peak_activation_bytes / _GIB:.2f} "
             f"(LM {self.lm_peak_bytes / _GIB:.2f}, encoder {self.encoder_peak_bytes / _GIB:.2f}), "
             f"CUDA graphs {self.cuda_graph_bytes / _GIB:.2f}, vision CUDA graphs {self.vision_graph_bytes / _GIB:.2f}, "
-            f"encoder cache {self.encoder_cache_bytes / _GIB:.2f} "
+            f"encoder cache {self.encoder_cache_bytes / _GIB:.2f}, video cache {self.video_cache_bytes / _GIB:.2f} "
             f"-> KV cache {self.kv_cache_bytes / _GIB:.2f} GiB = {self.num_kv_blocks} blocks"
         )
 
@@ -166,6 +168,7 @@ def plan_memory(
     *,
     device_type: str,
     encoder_cache_bytes: int,
+    video_cache_bytes: int = 0,
     profiled: ProfiledMemory | None = None,
     lm_streams: int = 1,
     encoder_streams: int = 0,
@@ -207,7 +210,7 @@ def plan_memory(
     usable = math.floor(profiled.total_bytes * cache.gpu_memory_utilization)
     kv_bytes = (
         usable - profiled.non_torch_bytes - profiled.weights_bytes - peak - graph_bytes - vision_graph_bytes
-        - encoder_cache_bytes
+        - encoder_cache_bytes - video_cache_bytes
     )  # fmt: skip
     blocks = max(kv_bytes, 0) // bytes_per_block
     plan = MemoryPlan(
@@ -225,6 +228,7 @@ def plan_memory(
         cuda_graph_bytes=graph_bytes,
         vision_graph_bytes=vision_graph_bytes,
         encoder_cache_bytes=encoder_cache_bytes,
+        video_cache_bytes=video_cache_bytes,
     )
     if blocks < min_blocks:
         need = min_blocks * bytes_per_block
@@ -232,7 +236,7 @@ def plan_memory(
             f"the model does not fit: {plan.summary()}; one sequence of max_model_len={scheduler.max_model_len} "
             f"needs {min_blocks} blocks ({need / _GIB:.2f} GiB). Raise gpu_memory_utilization or lower "
             f"max_num_batched_tokens (prefill peak), the encoder budget_tokens (encoder peak), encoder cache_tokens, "
-            f"max_num_seqs / cuda_graph_sizes, the vision CUDA-graph buckets, or max_model_len"
+            f"video cache_bytes, max_num_seqs / cuda_graph_sizes, the vision CUDA-graph buckets, or max_model_len"
         )
     return plan
 

@@ -112,6 +112,7 @@ def build_runners(
         kv_bytes_per_block(text, block_size, dtype),
         device_type=device.type,
         encoder_cache_bytes=encoder_cache_bytes,
+        video_cache_bytes=config.video.cache_bytes if device.type == "cuda" else 0,  # processed videos live there
         profiled=profiled,
         lm_streams=max(1, len(layout.lm_streams)),
         encoder_streams=layout.num_encoder_streams,

@@ -96,6 +96,16 @@ def test_profiled_plan_gives_the_kv_cache_what_is_left():
     assert space.num_kv_blocks == (left - max(lm, encoder) - 2 * min(lm, encoder) - graph - 77) // per_block
     assert str(plan.num_kv_blocks) in plan.summary()
 
+    # processed videos live on the device too: their cache is one more line item
+    video_cache = rng.randint(1, 2000) << 20
+    with_videos = plan_memory(
+        cache, SchedulerConfig(), per_block, device_type="cuda", encoder_cache_bytes=encoder_cache,
+        video_cache_bytes=video_cache, profiled=profiled,
+    )
+    assert with_videos.video_cache_bytes == video_cache
+    assert with_videos.num_kv_blocks == (left - video_cache) // per_block
+    assert "video cache" in with_videos.summary()
+
 
 def test_vision_graphs_are_reserved_and_replace_the_eager_encoder_peak_when_every_batch_fits():
     rng = random.Random(5)

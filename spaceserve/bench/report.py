@@ -174,7 +174,7 @@ _TABLE_COLUMNS = (
 # shown when a run decoded videos (in-process): TTFT split into video decode, encode and prefill
 _TTFT_SPLIT_COLUMNS = tuple(
     (f"{label} {stat}", lambda r, key=f"{stat}_ttft_{part}_ms": _fmt(r.get(key), ".1f"))
-    for part, label in (("video_decode", "dec"), ("encode", "enc"), ("prefill", "pre"))
+    for part, label in (("video_decode", "dec"), ("encode", "enc"), ("prefill", "pre"), ("overlap", "ovl"))
     for stat in ("p50", "p99")
 )
 

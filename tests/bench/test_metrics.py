@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from spaceserve.bench.metrics import SLO, RequestRecord, compute_metrics, metric_field_names
+from spaceserve.bench.metrics import SLO, RequestRecord, compute_metrics, metric_field_names, ttft_split
 
 
 def _record(rng: random.Random, index: int, start: float, output_tokens: int | None = None) -> RequestRecord:
@@ -149,3 +149,15 @@ def test_slo_parsing():
     for bad in ("ttft", "latency=3", "ttft=fast", "tpot=-1"):
         with pytest.raises(ValueError):
             SLO.parse(bad)
+
+
+def test_ttft_split_reports_how_long_the_decode_overlapped_encode_and_prefill():
+    pipelined = {"video_decode_start_time": 10.0, "video_decode_end_time": 10.4, "encoder_enqueued_time": 10.1,
+                 "encoder_end_time": 10.5, "first_scheduled_time": 10.0, "first_token_time": 10.7}
+    split = ttft_split(pipelined)
+    assert split["ttft_video_decode"] == pytest.approx(0.4) and split["ttft_encode"] == pytest.approx(0.4)
+    assert split["ttft_prefill"] == pytest.approx(0.2) and split["ttft_overlap"] == pytest.approx(0.3)
+    sequential = pipelined | {"encoder_enqueued_time": 10.45}  # encoding started once decoding had ended
+    assert ttft_split(sequential)["ttft_overlap"] == 0.0
+    image_only = {k: v for k, v in pipelined.items() if not k.startswith("video")}
+    assert ttft_split(image_only)["ttft_overlap"] is None

@@ -179,6 +179,8 @@ class VideoDecodeStage:
         self._jobs: dict[int, tuple[Future, threading.Event]] = {}
         self._job_ids = itertools.count()
         self.warm_up_s: dict[str, float] = {}
+        self.last_decode: dict[str, object] | None = None
+        """How the latest decode ran (backend, sessions, decode chunks, why NVDEC was not used), for benchmarks."""
         if warm_up:
             self.warm_up()
 
@@ -264,6 +266,7 @@ class VideoDecodeStage:
                 cache_key = f"{work.mm_hash}/{work.chunks}"
                 cached = self.cache.get(cache_key)
                 if cached is not None:
+                    self.last_decode = {"backend": "cache", "sessions": 0, "decode_chunks": 0, "fallback_reason": None}
                     for index, pixel_values in enumerate(cached):
                         self._emit(VideoChunkReady(job_id, index, pixel_values))
                     self._emit(VideoDone(job_id, start, time.monotonic(), cache_hit=True))
@@ -303,6 +306,7 @@ class VideoDecodeStage:
         """frames_of(first, end, cancelled) -> the uint8 sampled frames [first, end) on the engine's device, once
         decoded (None when cancelled while waiting)."""
         if isinstance(work.source, torch.Tensor):
+            self.last_decode = {"backend": "frames given", "sessions": 0, "decode_chunks": 0, "fallback_reason": None}
             given = work.source if work.frame_indices is None else work.source[list(work.frame_indices)]
             return lambda first, end, cancelled: self._to_device(given[first:end])
         from spaceserve.multimodal.video.decode import start_decode
@@ -313,6 +317,12 @@ class VideoDecodeStage:
             decode = start_decode(
                 work.source, work.frame_indices or (), device=self.device, backend=self.backend, decoders=self.decoders
             )
+        self.last_decode = {
+            "backend": decode.backend,
+            "sessions": decode.num_sessions,
+            "decode_chunks": decode.num_chunks,
+            "fallback_reason": decode.fallback_reason,
+        }
 
         def frames_of(first: int, end: int, cancelled: threading.Event) -> torch.Tensor | None:
             while not decode.wait_for(first, end, timeout=_WAIT_SLICE_S):

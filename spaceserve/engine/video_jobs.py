@@ -75,8 +75,8 @@ class VideoJobs:
         failed: list[tuple[Request, str]] = []
         now = time.monotonic()
         for event in self.stage.poll():
-            job = self._jobs[event.job_id]
-            request = self.requests[job.request_id]
+            job = self._jobs[event.job_id]  # a cancelled job's events never come back from poll
+            request = self.requests[job.request_id]  # a request that finished had its jobs cancelled
             if isinstance(event, VideoChunkReady):
                 self._chunk_ready(request, job.first_feature + event.chunk_index, event.pixel_values, now)
                 continue

@@ -10,7 +10,7 @@ from spaceserve.multimodal.video.decode import (
     probe_video,
 )
 from spaceserve.multimodal.video.errors import InvalidVideoError
-from spaceserve.multimodal.video.flashcodec import DecoderPoolConfig, VideoDecoderPool
+from spaceserve.multimodal.video.decoder_pool import DecoderPoolConfig, VideoDecoderPool
 from spaceserve.multimodal.video.pyav_backend import PyAVOptions
 from spaceserve.multimodal.video.synthetic import make_clip
 

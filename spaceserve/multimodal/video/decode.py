@@ -26,7 +26,7 @@ import torch
 
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.multimodal.video import flashcodec, nvdec_backend
-from spaceserve.multimodal.video.flashcodec import VideoDecoderPool
+from spaceserve.multimodal.video.decoder_pool import VideoDecoderPool
 from spaceserve.multimodal.video.gop import PacketIndex, index_packets
 from spaceserve.multimodal.video.pyav_backend import PyAVOptions
 from spaceserve.multimodal.video.source import VideoSource, normalize_source

@@ -36,7 +36,7 @@ from spaceserve.multimodal.video.processor import VideoPlan, chunk_frame_range, 
 
 if TYPE_CHECKING:  # PyAV is imported only once a video arrives (or the pool warms up)
     from spaceserve.multimodal.video.decode import IndexedVideo
-    from spaceserve.multimodal.video.flashcodec import VideoDecoderPool
+    from spaceserve.multimodal.video.decoder_pool import VideoDecoderPool
 
 logger = logging.getLogger(__name__)
 _WAIT_SLICE_S = 0.05
@@ -133,7 +133,7 @@ def build_decoder_pool(video: VideoConfig, device: torch.device | str) -> VideoD
         logger.info("video decoding: no decoder pool, each video decoded by one session")
         return None
     try:
-        from spaceserve.multimodal.video.flashcodec import DecoderPoolConfig, VideoDecoderPool
+        from spaceserve.multimodal.video.decoder_pool import DecoderPoolConfig, VideoDecoderPool
     except ImportError as exc:  # PyAV missing: video requests fail when decoded, the engine still serves the rest
         logger.warning("video decoding unavailable, no decoder pool: %s", exc)
         return None

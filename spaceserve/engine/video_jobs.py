@@ -88,7 +88,8 @@ class VideoJobs:
             if event.error is not None:
                 error = event.error
                 message = str(error) if isinstance(error, InvalidInputError) else f"{DECODE_FAILURE_PREFIX}{error!r}"
-                failed.append((request, message))
+                if all(request is not other for other, _ in failed):  # its first failed video names the error
+                    failed.append((request, message))
                 continue
             start, end = request.video_decode_start_time, request.video_decode_end_time
             request.video_decode_start_time = event.start_time if start is None else min(start, event.start_time)

@@ -230,3 +230,13 @@ def test_chat_with_video_url_and_video_parts(llm, clip, tmp_path):
     assert chat({"type": "video_url", "video_url": {"url": data_url}}) == by_file
     assert chat({"type": "video", "video": list(frames[indices])}) == by_file
     llm.llm_engine.check_idle_integrity()
+
+
+def test_video_larger_than_the_encoder_cache_is_rejected_whole(clip):
+    # 14 frames of 56x56 once resized: 7 temporal patches of 4 tokens, in chunks of at most 8; the cache holds 20
+    llm = make_llm("tiny-qwen2-vl", mm_processor_kwargs=SMALL, encoder_cache_tokens=20, video_chunk_tokens=8)
+    engine = llm.llm_engine
+    with pytest.raises(InvalidInputError, match="video needs 28 encoder tokens but the encoder cache holds 20"):
+        engine.add_request(_video_prompt(clip, num_frames=14), PARAMS)
+    assert engine.num_decoding == 0 and engine.video_stage.num_jobs == 0 and not engine.has_unfinished_requests()
+    engine.check_idle_integrity()

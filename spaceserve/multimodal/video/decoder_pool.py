@@ -130,8 +130,12 @@ class VideoDecoderPool:
         kinds: list[tuple[str | int, bytes]] = []
         if cpu_clip is not None:
             kinds.append((CPU, cpu_clip))
-        if gpu_clip is not None:
-            kinds += [(device, gpu_clip) for device in self.gpu_devices()]
+        if gpu_clip is not None and self.gpu_devices():
+            _, reason = nvdec_backend._import_torchcodec()
+            if reason is None:
+                kinds += [(device, gpu_clip) for device in self.gpu_devices()]
+            else:
+                logger.info("NVDEC sessions not warmed up (videos will decode on the CPU): %s", reason)
         for where, clip in kinds:
             start = time.monotonic()
             count = self._capacity(where)

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-dir", default=None, help="where the clips are encoded once (default: a temp dir)")
     parser.add_argument("--engine-args", default="{}", help="more LLM(...) keyword arguments, as JSON")
     parser.add_argument("--time-budget-s", type=float, default=540.0)
+    parser.add_argument("--in-process", action="store_true", help="run the engine core in the script's process")
     parser.add_argument("--only-model", help=argparse.SUPPRESS)  # the per-model child process
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -147,14 +148,18 @@ def run_model(model: str, args) -> dict[str, Any]:
     from spaceserve import LLM, SamplingParams
     from spaceserve.bench.video_workload import tagged
     from spaceserve.engine.input_processor import InputProcessor
+    from spaceserve.multimodal.video import DecoderPoolConfig, VideoDecoderPool
 
     clips = make_clips(args)["clips"]
     data = {name: Path(info["path"]).read_bytes() for name, info in clips.items()}
     started = time.monotonic()
     engine_args = {"load_format": "dummy", "cuda_graph_sizes": (1, 2, 4, 8)} | json.loads(args.engine_args)
+    if args.in_process:
+        engine_args["multiprocess"] = False
     llm = LLM(model, mm_processor_kwargs={"max_pixels": args.max_pixels}, **engine_args)
-    engine = llm.llm_engine
+    engine = llm.llm_engine  # the front; the engine core runs in its own process unless --in-process
     build_s = time.monotonic() - started
+    frames_pool = VideoDecoderPool(DecoderPoolConfig(cpu_sessions=os.cpu_count() or 1))
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     pipelined_processor = engine.input_processor
     unpipelined_config = dataclasses.replace(
@@ -179,7 +184,7 @@ def run_model(model: str, args) -> dict[str, Any]:
         request(name, "unpipelined", tagged(data[name], 0, next(tags)), unpipelined_processor, "first")
     baselines = {}
     for name in names:
-        frames = decoded_frames(data[name], engine)
+        frames = decoded_frames(data[name], frames_pool)
         row = request(name, "baseline", frames, unpipelined_processor, "frames given")
         baselines[name] = row["encode_s"] + row["prefill_s"]
         del frames
@@ -189,6 +194,7 @@ def run_model(model: str, args) -> dict[str, Any]:
     engine.input_processor = pipelined_processor
     engine.check_idle_integrity()
 
+    frames_pool.close()
     checks = []
     for row in rows:
         if row["mode"] != "pipelined":
@@ -202,12 +208,13 @@ def run_model(model: str, args) -> dict[str, Any]:
         row.setdefault("ratio_to_baseline", row["ttft_s"] / baselines[row["clip"]])
     result = {
         "model": model,
-        "device": str(engine.device),
-        "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+        "device": engine.info["device"],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "engine_core": "in process" if args.in_process else "own process",
         "engine_build_s": build_s,
-        "decoder_warm_up_s": engine.video_stage.warm_up_s,
+        "decoder_warm_up_s": engine.call_utility("video_stats")["warm_up_s"],
         "video_config": dataclasses.asdict(engine.config.video),
-        "multiplex": engine.layout.mode,
+        "execution": engine.execution,
         "rows": rows,
         "baselines_s": baselines,
         "checks": checks,
@@ -242,18 +249,19 @@ def one_request(engine, prompt: dict[str, Any], params) -> dict[str, Any]:
         "overlap_s": split["ttft_overlap"] or 0.0,
         "prompt_tokens": len(output.prompt_token_ids),
         "video_chunks": len(chunks),
-        "decode": engine.video_stage.last_decode if split["ttft_video_decode"] and chunks else None,
+        "decode": engine.call_utility("video_stats")["last_decode"] if split["ttft_video_decode"] else None,
     }
 
 
-def decoded_frames(clip: bytes, engine):
-    """The clip's sampled frames decoded beforehand (as the engine samples them), as a CPU uint8 tensor."""
+def decoded_frames(clip: bytes, pool):
+    """The clip's sampled frames decoded beforehand (as the engine samples them; PyAV in this process, so its CUDA is
+    left alone), as a CPU uint8 tensor."""
     from spaceserve.multimodal.video import decode_frames, probe_video
     from spaceserve.multimodal.video.sampling import VideoSamplingParams, sample_frame_indices
 
     meta = probe_video(clip)
     indices = sample_frame_indices(meta.num_frames, meta.fps, VideoSamplingParams())
-    return decode_frames(clip, indices, device=engine.device, decoders=engine.video_decoders).frames.cpu()
+    return decode_frames(clip, indices, backend="pyav", decoders=pool).frames
 
 
 # ---- environment and summary ------------------------------------------------------------------------------------

@@ -353,6 +353,11 @@ class EngineCore:
             **self.loop_counters(),
         }
 
+    def video_stats(self) -> dict[str, Any]:
+        """The decoder sessions' warm-up time at start and how the latest video was decoded (for benchmarks)."""
+        stage = self.video_stage
+        return {"warm_up_s": dict(stage.warm_up_s), "last_decode": stage.last_decode, "cache_hits": stage.cache.hits}
+
     def kv_block_counts(self) -> tuple[int, int]:
         """(free, total) KV blocks."""
         return self.kv_manager.num_free_blocks, self.kv_manager.num_blocks
@@ -371,6 +376,7 @@ UTILITY_METHODS = frozenset(
         "loop_counters",
         "engine_counters",
         "kv_block_counts",
+        "video_stats",
         "check_idle_integrity",
         "has_unfinished_requests",
     }

@@ -238,5 +238,5 @@ def test_video_larger_than_the_encoder_cache_is_rejected_whole(clip):
     engine = llm.llm_engine
     with pytest.raises(InvalidInputError, match="video needs 28 encoder tokens but the encoder cache holds 20"):
         engine.add_request(_video_prompt(clip, num_frames=14), PARAMS)
-    assert engine.num_decoding == 0 and engine.video_stage.num_jobs == 0 and not engine.has_unfinished_requests()
+    assert engine.core.num_decoding == 0 and engine.core.video_stage.num_jobs == 0 and not engine.has_unfinished_requests()
     engine.check_idle_integrity()

@@ -100,7 +100,7 @@ def _video_embeddings(engine, request) -> list[torch.Tensor]:
         if feature.modality == "video":
             if feature.chunk.index == 0:
                 videos.append([])
-            videos[-1].append(engine.encoder_outputs[feature.mm_hash])
+            videos[-1].append(engine.core.encoder_stage.embeddings[feature.mm_hash])
     return [torch.cat(rows) for rows in videos]
 
 
@@ -149,12 +149,12 @@ def test_batched_chunks_prefix_cache_hits_and_preemption_keep_the_tokens(checkpo
     prompts = list(_prompts(clip).values())
     requests, tokens = _run(llm, prompts + prompts)
     assert tokens == expected_tokens + expected_tokens
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     for request, expected in zip(requests[:3], expected_embeddings):
         for ours, theirs in zip(_video_embeddings(engine, request), expected, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    hits_before = engine.kv_manager.prefix_cache_stats.hits
+    hits_before = engine.core.kv_manager.prefix_cache_stats.hits
     _, again = _run(llm, prompts)
-    assert again == expected_tokens and engine.kv_manager.prefix_cache_stats.hits > hits_before
+    assert again == expected_tokens and engine.core.kv_manager.prefix_cache_stats.hits > hits_before
     engine.check_idle_integrity()
     engine.shutdown()

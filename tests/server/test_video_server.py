@@ -231,7 +231,7 @@ def test_decoder_fault_is_a_500_and_a_stream_error_event(video_server, monkeypat
     def broken_decoder(*args, **kwargs):
         raise RuntimeError("NVDEC session lost")
 
-    monkeypatch.setattr(decode_module, "decode_frames", broken_decoder)
+    monkeypatch.setattr(decode_module, "start_decode", broken_decoder)  # the decode stage starts its decodes here
     messages = messages_with(video_part(video_url(clip_bytes(seed=31))))
     with pytest.raises(openai.InternalServerError, match="video decoding failed: .*NVDEC session lost"):
         _chat(video_server, messages)

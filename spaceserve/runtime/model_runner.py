@@ -215,6 +215,7 @@ class ModelRunner:
         does not add (the KV cache is budgeted separately)."""
         if not self.kv_caches:
             raise RuntimeError("profile_run copies the KV layout from the runner's caches (allocate one block each)")
+        num_tokens = min(num_tokens, max_model_len * max_num_seqs)  # a step holds at most max_num_seqs sequences
         lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
         blocks_needed = sum(-(-n // self.block_size) for n in lengths)
         saved = self.kv_caches

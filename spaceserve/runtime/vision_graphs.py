@@ -235,6 +235,7 @@ class VisionCUDAGraphs:
                 continue
             if on_cuda:
                 torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # cached blocks of earlier work would hide what the capture reserves
                 before = torch.cuda.memory_reserved(self.device)
             graph_set = VisionGraphSet(self.tower, self.buckets, self.device, self.dtype, stream, self.use_triton)
             pool = torch.cuda.graph_pool_handle() if on_cuda else None

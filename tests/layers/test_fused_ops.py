@@ -60,7 +60,8 @@ def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     assert not actual.isnan().any(), "the kernel left elements unwritten (poison survived)"
     ulps, max_mismatch = (8, 1.0) if expected.dtype == torch.float32 else (1, 0.01)
-    magnitude = expected.float().abs().clamp_min(torch.finfo(expected.dtype).tiny)
+    # the ulp of the larger of the two: a result one ulp away across a power of two is two of the smaller's ulps
+    magnitude = torch.maximum(expected.float().abs(), actual.float().abs()).clamp_min(torch.finfo(expected.dtype).tiny)
     ulp = torch.exp2(torch.floor(torch.log2(magnitude))) * torch.finfo(expected.dtype).eps
     diff = (actual.float() - expected.float()).abs()
     assert (diff <= ulps * ulp).all(), f"max error {diff.max().item()} exceeds {ulps} ulp"

@@ -110,7 +110,7 @@ def test_graphs_captured_and_replayed_on_side_streams_give_the_same_tokens():
     config = dataclasses.replace(engine.config, enforce_eager=False, cuda_graph_sizes=SIZES, vision_cuda_graphs=False)
     split = SMPartition(encoder_sms=0, lm_sms=0, total_sms=0, encoder_stream=other, lm_stream=other)  # its LM side
     layout = ExecutionLayout("time", "time", "test", lm_stream=side, partitions=(split,))
-    runner, _, plan = build_runners(config, engine.core.model, engine.dtype, engine.core.device, layout)
+    runner, _, plan = build_runners(config, engine.core.model, engine.core.dtype, engine.core.device, layout)
     assert plan.num_kv_blocks == engine.core.num_kv_blocks
     assert runner.stream == side and runner.cuda_graphs.stream == side
     engine.core.model_runner = runner

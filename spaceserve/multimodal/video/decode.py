@@ -109,7 +109,10 @@ def decode_frames(
     decode = start_decode(video, frame_indices, device=device, backend=backend, decoders=decoders, pyav_options=pyav_options)
     frames = decode.result()
     if frames.device != device:
-        frames = frames.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else frames.to(device)
+        if device.type == "cuda" and frames.device.type == "cpu":
+            frames = frames.pin_memory().to(device, non_blocking=True)
+        else:
+            frames = frames.to(device, non_blocking=True)
     indices = tuple(int(i) for i in frame_indices)
     return DecodedFrames(frames, indices, video.metadata, decode.backend, decode.fallback_reason, decode.num_sessions)
 

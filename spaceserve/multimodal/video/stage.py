@@ -340,9 +340,9 @@ class VideoDecodeStage:
     def _to_device(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.device == self.device:
             return frames
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and frames.device.type == "cpu":
             return frames.pin_memory().to(self.device, non_blocking=True)
-        return frames.to(self.device)
+        return frames.to(self.device, non_blocking=True)  # another GPU's decoder, or to the CPU
 
     def _stream_context(self):
         """Preprocessing on a stream of its own, so it neither waits for nor holds up the engine's work."""

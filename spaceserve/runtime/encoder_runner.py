@@ -67,7 +67,7 @@ class EncoderRunner:
                 self.num_graphed_batches += 1
                 return graph_set.run(size, pixel_values, grids)
         self.num_eager_batches += 1
-        pixels = torch.cat([rows.to(self.device, non_blocking=True) for rows in pixel_values])
+        pixels = torch.cat(pixel_values)
         # kept on the host: the towers read it there, and on the device that read would sync
         grid_thw = torch.tensor([item.grid_thw for item in batch.items], dtype=torch.long)
         return self.model.encode_images(pixels, grid_thw)
@@ -77,6 +77,12 @@ class EncoderRunner:
             with warnings.catch_warnings():  # pixels received from the front are read-only; they are only read
                 warnings.simplefilter("ignore", UserWarning)
                 rgb = torch.as_tensor(pixels.rgb)
-            rgb = rgb.to(self.device, non_blocking=True)
-            return pixels_to_patches(rgb, pixels.height, pixels.width, self.image_config)
-        return pixels
+            return pixels_to_patches(self._to_device(rgb), pixels.height, pixels.width, self.image_config)
+        return self._to_device(pixels)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host rows go through pinned memory: a copy from pageable memory blocks the host until it is done (and
+        behind whatever the stream runs), which the encoder's launch must never do beside a running LM step."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device, non_blocking=True)

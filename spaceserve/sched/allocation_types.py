@@ -5,7 +5,9 @@ Plain frozen data, no torch."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from spaceserve.config import EngineConfig
 
 
 class Placement(str, enum.Enum):
@@ -53,6 +55,17 @@ class AllocatorConfig:
             raise ValueError("overheads and decode_delay_weight must be >= 0")
         if self.max_backlog_requests < 1:
             raise ValueError("max_backlog_requests must be >= 1")
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, **overrides) -> AllocatorConfig:
+        """The engine's SLOs, token budget and encoder batch budget."""
+        made = cls(
+            slo_tpot_ms=config.allocation.slo_tpot_ms,
+            slo_ttft_ms=config.allocation.slo_ttft_ms,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            encoder_budget_tokens=config.encoder.budget_tokens,
+        )
+        return replace(made, **overrides)
 
     @property
     def tpot_budget_ms(self) -> float:

@@ -245,3 +245,24 @@ def test_bad_settings_are_refused():
         AllocatorConfig(slo_tpot_ms=0)
     with pytest.raises(ValueError, match="tpot_margin"):
         AllocatorConfig(tpot_margin=1.5)
+
+
+def test_settings_come_from_the_engine_flags(tmp_path):
+    from spaceserve.core.errors import ConfigError
+    from spaceserve.engine.arg_utils import EngineArgs
+    from spaceserve.sched.resource_curves import CurvesFile
+
+    path = tmp_path / "curves.json"
+    file = CurvesFile()
+    file.put(CURVES.to_entry())
+    file.write(path)
+    engine = EngineArgs("tiny-qwen2-vl", sm_curves=str(path), slo_tpot_ms=25, slo_ttft_ms=1500,
+                        max_num_batched_tokens=4096, encoder_budget_tokens=2048).create_engine_config()
+    assert engine.allocation.sm_curves == str(path)
+    config = AllocatorConfig.from_engine_config(engine, prefill_split=True)
+    assert (config.slo_tpot_ms, config.slo_ttft_ms, config.max_num_batched_tokens) == (25, 1500, 4096)
+    assert config.encoder_budget_tokens == 2048 and config.prefill_split
+    with pytest.raises(ConfigError, match="--sm-curves: cannot read"):
+        EngineArgs("tiny-qwen2-vl", sm_curves=str(tmp_path / "none.json")).create_engine_config()
+    with pytest.raises(ConfigError, match="SLOs must be > 0"):
+        EngineArgs("tiny-qwen2-vl", slo_tpot_ms=0).create_engine_config()

@@ -138,3 +138,26 @@ def _entry_for_key(key: dict[str, str]) -> dict:
     entry = fake_curves().to_entry()
     entry["key"] = dict(key)
     return entry
+
+
+def test_gpu_script_summarizes_a_curves_file(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from tests.sched.fake_curves import fake_curves
+
+    entry = fake_curves(noise=0.05).to_entry()
+    entry.update(placement_note="fake splits", ceilings={},
+                 measured={"seconds": 1.0, "complete": True, "skipped_points": 0, "errors": [], "command": "x"})
+    file = CurvesFile()
+    file.put(entry)
+    file.write(tmp_path / "sm_curves.json")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "sm_curves_gpu.py"
+    spec = importlib.util.spec_from_file_location("sm_curves_gpu", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.summarize(tmp_path)
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "Encoder batch (ms, median)" in text and "| 132 |" in text
+    assert "| 1 | 0 x 0 | encoder_whole | 132 | 0 |" in text  # a lone image with nothing decoding: the whole GPU
+    assert "| 0 | 128 x 2048 | lm_whole | 0 | 132 |" in text

@@ -1,6 +1,7 @@
-"""SM resource-utility curves of Qwen2-VL-2B on this GPU, in one run of under 4 minutes: `spaceserve profile` with a
-grid sized for that (the default grid with the LM on every other split and at most 6 timed calls per point), then a
-check of what came back and the allocator's choices on it for a few canonical states.
+"""SM resource-utility curves of Qwen2-VL-2B on this GPU, in one run of under 4 minutes: `spaceserve profile` with
+the default grid (the encoder on every split the device grants, the LM on every other one, plus the whole device)
+and 2 to 6 timed calls per point (estimated on an H200: ~50 s encoder, ~55 s LM, ~30 s engine build and ceilings),
+then a check of what came back and the allocator's choices on it for a few canonical states.
 
     python3 scripts/sm_curves_gpu.py --out $OUT/sm-curves-2b
     python3 scripts/sm_curves_gpu.py --summarize DIR      # rebuild summary.md from DIR/sm_curves.json
@@ -25,12 +26,13 @@ sys.path.insert(0, str(REPO))
 
 MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 GRID_FLAGS = [
-    "--patches", "1024,4096,9216,18432,36864",
+    "--patches", "1024,4096,9216,18432",
     "--batches", "0,1,16,64,256",
     "--contexts", "1024,4096",
     "--prefill-tokens", "0,512,2048,8192",
     "--encoder-sm-stride", "1",
     "--lm-sm-stride", "2",
+    "--min-iters", "2",
     "--max-iters", "6",
 ]  # fmt: skip
 

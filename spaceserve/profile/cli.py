@@ -39,6 +39,7 @@ def add_profile_parser(commands: argparse._SubParsersAction) -> argparse.Argumen
                       help="measure these encoder splits (rounded by the driver) instead of every one")
     grid.add_argument("--encoder-sm-stride", type=int, default=None, help="every k-th split for the encoder curve")
     grid.add_argument("--lm-sm-stride", type=int, default=None, help="every k-th split for the LM curve")
+    grid.add_argument("--min-iters", type=int, default=None, help="fewest timed calls per point")
     grid.add_argument("--max-iters", type=int, default=None, help="most timed calls per point")
     grid.add_argument("--time-budget-s", type=float, default=900.0,
                       help="stop measuring after this long (points left are filled from cheaper ones)")
@@ -59,10 +60,11 @@ def grid_from_args(args: argparse.Namespace) -> CurveGrid:
         "encoder_sms": args.profile_encoder_sms,
         "encoder_sm_stride": args.encoder_sm_stride,
         "lm_sm_stride": args.lm_sm_stride,
+        "min_iters": args.min_iters,
         "max_iters": args.max_iters,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "max_iters" in overrides:
+    if "max_iters" in overrides and "min_iters" not in overrides:
         overrides["min_iters"] = min(grid.min_iters, overrides["max_iters"])
     if overrides:
         grid = dataclasses.replace(grid, name=f"{grid.name}+custom", **overrides)

@@ -1,10 +1,10 @@
 """The capacity sweep's workloads: aspect-mix (0-3 non-square images) and multi-image-skew (the TWSRFT study)."""
 
 import collections
+import io
 
 import pytest
 from PIL import Image
-import io
 
 from spaceserve.bench.workloads import (
     ASPECT_MIX_SIZES,

@@ -97,7 +97,8 @@ def main() -> int:
             code = 1
             continue
         command = [
-            sys.executable, "-m", "spaceserve.cli", "bench", args.model, "--load-format", "dummy", "--dtype", "bfloat16",
+            sys.executable, "-m", "spaceserve.cli", "bench", args.model,
+            "--load-format", "dummy", "--dtype", "bfloat16",
             "--workload", workload, "--multiplex", modes, "--encoder-policy", policies,
             "--request-rate", ",".join(f"{r:g}" for r in rates), "--burstiness", str(BURSTINESS.get(workload, 1.0)),
             "--num-prompts", str(args.num_prompts), "--num-warmups", str(args.num_warmups),

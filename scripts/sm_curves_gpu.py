@@ -82,10 +82,12 @@ def summarize(directory: Path) -> str:
         curves = ResourceCurves.from_entry(entry)
         measured, ceilings = entry["measured"], entry.get("ceilings", {})
         lines += [f"# SM curves: {name}", "", f"- command: `{measured.get('command')}`",
-                  f"- commit {measured.get('commit')} (dirty: {measured.get('dirty')}); versions {measured.get('versions')}",
+                  f"- commit {measured.get('commit')} (dirty: {measured.get('dirty')}); "
+                  f"versions {measured.get('versions')}",
                   f"- {entry['placement_note']}; {len(curves.splits)} splits; measured in {measured['seconds']} s "
                   f"({measured.get('total_seconds')} s with the engine build); complete: {measured['complete']}, "
-                  f"{measured['skipped_points']} points skipped past the budget; errors: {measured['errors'] or 'none'}",
+                  f"{measured['skipped_points']} points skipped past the budget; "
+                  f"errors: {measured['errors'] or 'none'}",
                   f"- decode steps replayed CUDA graphs: {measured.get('decode_graphs')} "
                   f"(on {measured.get('graph_streams')} streams)",
                   f"- monotone envelope: encoder {curves.encoder.num_raised} raised / {curves.encoder.num_filled} "

@@ -222,7 +222,9 @@ class EngineArgs:
             help="space: resource-utility curves written by `spaceserve profile` (default: profile a small grid at "
             "start-up)",
         )
-        parser.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT the SM allocator keeps decodes within")
+        parser.add_argument(
+            "--slo-tpot-ms", type=float, default=50.0, help="TPOT the SM allocator keeps decodes within"
+        )
         parser.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT the SM allocator aims for")
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument(

@@ -101,13 +101,13 @@ def run_profile(args: argparse.Namespace) -> int:
     import torch
 
     from spaceserve.bench.report import git_state
-    from spaceserve.engine.llm_engine import LLMEngine
+    from spaceserve.engine.core import EngineCore
     from spaceserve.profile.curves_plot import plot_curves
     from spaceserve.profile.sm_curves import curves_key, profile_engine
     from spaceserve.profile.synthetic import fill_kv_caches_random
 
     begin = time.monotonic()
-    engine = LLMEngine(config)
+    engine = EngineCore(config)
     try:
         fill_kv_caches_random(engine, seed=args.seed + 1)
         ceilings = {} if args.no_ceilings else _ceilings(engine.device)

@@ -2,8 +2,8 @@
 step latency against SMs, decode batch, context and prefill chunk. The result is one entry of a curves file
 (sched/resource_curves.py), keyed by device, model and dtype.
 
-Each point is timed as the engine runs it: the encoder batch through `EncoderRunner.execute` on the stream of the
-side being measured, the LM step through the runner's launch + collect (a decode-only step replays the decode graph
+Each point is timed as the engine core runs it: the encoder batch through `EncoderRunner.execute` on the stream of
+the side being measured, the LM step through the runner's launch + collect (a decode-only step replays the decode graph
 captured on that side's stream; mixed steps run eagerly, as in serving), both timed with CUDA events on that
 stream, so host launch time the device waits for is in the figure. Work is synthetic (profile/synthetic.py): random
 patches, random KV in shuffled blocks. Shapes are measured cheapest first and each on every SM side before the
@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from spaceserve.profile.curves_grid import CurveGrid, Placements, Side, layout_placements, quick_grid
-from spaceserve.profile.synthetic import DoesNotFit, check_sampled, encoder_batch, mixed_step, run_step, run_step_graphed
+from spaceserve.profile.synthetic import (
+    DoesNotFit,
+    check_sampled,
+    encoder_batch,
+    mixed_step,
+    run_step,
+    run_step_graphed,
+)
 from spaceserve.profile.timing import TimingStats, synchronize, time_calls
 from spaceserve.sched.resource_curves import ENCODER_AXES, LM_STEP_AXES, ResourceCurves
 
@@ -90,7 +97,7 @@ def measure_encoder(engine, placements: Placements, grid: CurveGrid, rng: np.ran
         batch = encoder_batch(engine, grids, rng)
         for i, side in enumerate(sides):
             with torch.inference_mode():
-                stats = _timed(lambda: engine.encoder_runner.execute(batch), engine.device, side, grid)
+                stats = _timed(lambda: engine.encoder_stage.runner.execute(batch), engine.device, side, grid)
             median[i, j], p90[i, j] = stats.median_ms, stats.p90_ms
         del batch
         logger.info("profile: encoder %d patches on %s SMs: %s ms", measured_patches[-1],

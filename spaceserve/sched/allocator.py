@@ -162,7 +162,8 @@ class SMAllocator:
         sides = [self._split_of(in_flight.encoder_sms)] if in_flight is not None else list(self.splits)
         plans = []
         if situation.has_encoder_work:
-            plans += [_Plan(Placement.SPLIT, s.encoder_sms, s.encoder_sms, s.lm_sms, 0, cap) for s in sides for cap in caps]
+            plans += [_Plan(Placement.SPLIT, s.encoder_sms, s.encoder_sms, s.lm_sms, 0, cap)
+                      for s in sides for cap in caps]
             if not sides:  # a device measured without partitions: the encoder only ever runs on all of it
                 plans += [_Plan(Placement.ENCODER_WHOLE, self.total_sms, self.total_sms, self.total_sms, 0, cap)
                           for cap in caps]

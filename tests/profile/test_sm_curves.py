@@ -13,7 +13,7 @@ import pytest
 
 from spaceserve.cli import main
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.llm_engine import LLMEngine
+from spaceserve.engine.core import EngineCore
 from spaceserve.profile.curves_grid import CurveGrid, Side, device_placements, layout_placements, quick_grid
 from spaceserve.profile.sm_curves import curves_key, engine_curves, image_grids, profile_engine, startup_curves
 from spaceserve.sched.resource_curves import CurvesFile, ResourceCurves, Split
@@ -26,7 +26,7 @@ GRID = CurveGrid("test", patches=(16, 64), batches=(0, 1, 3), contexts=(20, 48),
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = LLMEngine(EngineArgs("tiny-qwen2-vl", kv_cache_memory_bytes=8 << 20, max_num_seqs=4).create_engine_config())
+    engine = EngineCore(EngineArgs("tiny-qwen2-vl", kv_cache_memory_bytes=8 << 20, max_num_seqs=4).create_engine_config())
     yield engine
     engine.shutdown()
 

@@ -26,7 +26,8 @@ GRID = CurveGrid("test", patches=(16, 64), batches=(0, 1, 3), contexts=(20, 48),
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = EngineCore(EngineArgs("tiny-qwen2-vl", kv_cache_memory_bytes=8 << 20, max_num_seqs=4).create_engine_config())
+    args = EngineArgs("tiny-qwen2-vl", kv_cache_memory_bytes=8 << 20, max_num_seqs=4)
+    engine = EngineCore(args.create_engine_config())
     yield engine
     engine.shutdown()
 

@@ -121,7 +121,8 @@ def test_decodes_that_already_waited_get_a_smaller_chunk():
 
 def test_a_batch_in_flight_pins_the_split():
     in_flight = EncoderInFlight(48, NOW + 0.02, frozenset({"r0"}))
-    state = AllocatorState(NOW, images(5, first=1), pending(6), decode_contexts=(1000,) * 8, encoder_in_flight=in_flight)
+    state = AllocatorState(NOW, images(5, first=1), pending(6), decode_contexts=(1000,) * 8,
+                           encoder_in_flight=in_flight)
     decision = decide(state)
     assert decision.placement is Placement.SPLIT
     assert (decision.encoder_sms, decision.lm_sms) == (48, TOTAL_SMS - 48)

@@ -27,7 +27,7 @@ are that split's, or waiting for a whole-device batch to end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -75,9 +75,21 @@ class _Situation:
     step: Callable[[np.ndarray, np.ndarray], np.ndarray]
     """(LM SMs, prefill chunk) -> predicted ms of a step with the running decodes (overhead included)."""
 
+    chunk_grid: np.ndarray
+    """The prefill chunks a step may take (multiples of the granularity, and the largest)."""
+    _steps_by_side: dict[float, np.ndarray] = field(default_factory=dict)
+
     @property
     def has_encoder_work(self) -> bool:
         return bool(self.batches_patches.size) or self.in_flight is not None
+
+    def chunk_steps(self, sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk grid, [side, chunk] step ms), computed once per side in a decision."""
+        missing = np.array([s for s in sides if float(s) not in self._steps_by_side])
+        if missing.size:
+            for side, row in zip(missing, self.step(missing[:, None], self.chunk_grid[None, :])):
+                self._steps_by_side[float(side)] = row
+        return self.chunk_grid, np.stack([self._steps_by_side[float(s)] for s in sides])
 
 
 class SMAllocator:
@@ -116,9 +128,7 @@ class SMAllocator:
         if situation.num_decodes == 0:
             return cap.copy()
         sides, side_of = np.unique(sms, return_inverse=True)
-        granule = self.config.prefill_granularity
-        grid = np.unique(np.append(np.arange(0, situation.largest_chunk + 1, granule), situation.largest_chunk))
-        steps = situation.step(sides[:, None], grid[None, :])
+        grid, steps = situation.chunk_steps(sides)
         fits = np.sum(steps <= budget_ms, axis=1)  # steps grow with the chunk: the fitting chunks are a prefix
         largest = np.where(fits > 0, grid[np.maximum(fits - 1, 0)], -1)[side_of.reshape(sms.shape)]
         return np.where(largest >= 0, np.minimum(largest, cap), -1)
@@ -234,6 +244,7 @@ class SMAllocator:
             largest_chunk=int(largest),
             alone_gap_ms=alone,
             step=step,
+            chunk_grid=np.unique(np.append(np.arange(0, largest + 1, granule), largest)),
         )
 
     def _evaluate(self, plans: list[_Plan], state: AllocatorState, situation: _Situation) -> dict[str, np.ndarray]:
@@ -292,7 +303,7 @@ class SMAllocator:
         chunk_now = np.where(prefill_split, largest, chunk_now)
         after_pause = situation.step(lm_sms if patches.size > 1 else np.full(count, total), 0)
         gap_now = stalled + np.where(whole_first, first_batch_ms + after_pause, step_bound)
-        tpot_ok = (gap_now <= budget) & (chunk_now >= 0) if b else np.ones(count, dtype=bool)
+        tpot_ok = (gap_now <= budget) & ((chunk_now >= 0) | whole_first) if b else np.ones(count, dtype=bool)
         misses = np.sum(result.ttft_ms > config.slo_ttft_ms, axis=1)
         cost = (result.ttft_ms.sum(axis=1) + config.decode_delay_weight * result.decode_delay_ms
                 + config.penalty_ms * misses)

@@ -73,11 +73,15 @@ def _on(side: Side):
 
 
 def _timed(call: Callable[[], Any], device: torch.device, side: Side, grid: CurveGrid) -> TimingStats:
-    """Warm-up, one probe, then as many timed calls as fit the point budget (within the grid's bounds)."""
+    """Warm-up, one probe, then as many timed calls as fit the point budget (within the grid's bounds). The
+    caching allocator keeps blocks per stream, so what this side's stream cached is released afterwards: otherwise
+    every SM side would hold a peak's worth of memory."""
     with _on(side):
         probe = time_calls(call, device, warmup=grid.warmup, iters=1)
         iters = int(min(grid.max_iters, max(grid.min_iters, grid.point_budget_ms // max(probe.min_ms, 1e-3))))
         rest = time_calls(call, device, warmup=0, iters=max(1, iters - 1))
+    if device.type == "cuda" and side.stream is not None:
+        torch.cuda.empty_cache()
     return TimingStats(probe.samples_ms + rest.samples_ms)
 
 

@@ -162,3 +162,21 @@ def test_gpu_script_summarizes_a_curves_file(tmp_path):
     assert "Encoder batch (ms, median)" in text and "| 132 |" in text
     assert "| 1 | 0 x 0 | encoder_whole | 132 | 0 |" in text  # a lone image with nothing decoding: the whole GPU
     assert "| 0 | 128 x 2048 | lm_whole | 0 | 132 |" in text
+
+
+def test_profiling_engine_fits_the_grid_and_runs_in_time_mode():
+    import argparse
+
+    from spaceserve.profile.cli import add_profile_parser, grid_from_args, profiling_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_profile_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", "Qwen/Qwen2-VL-2B-Instruct", "--multiplex", "space", "--load-format", "dummy"])
+    grid = grid_from_args(args)
+    engine_args = profiling_engine_args(args, grid)
+    assert engine_args.multiplex == "time" and engine_args.max_num_seqs == 257
+    assert engine_args.cuda_graph_sizes == (1, 16, 64, 256)
+    assert engine_args.max_num_batched_tokens == 8192 + 256
+    assert engine_args.num_gpu_blocks_override == 256 * (4096 // 16) + 8192 // 16 + 64
+    given = parser.parse_args(["profile", "tiny-qwen2-vl", "--kv-cache-memory-bytes", "1000000", "--quick"])
+    assert profiling_engine_args(given, grid_from_args(given)).num_gpu_blocks_override is None

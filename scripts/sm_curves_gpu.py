@@ -41,7 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sm-curves-2b"))
     parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--budget-s", type=float, default=200.0, help="spaceserve profile's --time-budget-s")
+    parser.add_argument("--budget-s", type=float, default=190.0, help="spaceserve profile's --time-budget-s")
     parser.add_argument("--summarize", metavar="DIR", help="only rebuild DIR/summary.md")
     args = parser.parse_args()
     if args.summarize:

@@ -89,7 +89,9 @@ def summarize(directory: Path) -> str:
                   f"{measured['skipped_points']} points skipped past the budget; "
                   f"errors: {measured['errors'] or 'none'}",
                   f"- decode steps replayed CUDA graphs: {measured.get('decode_graphs')} "
-                  f"(on {measured.get('graph_streams')} streams)",
+                  f"(on {measured.get('graph_streams')} streams); vision graphs on "
+                  f"{measured.get('vision_graph_streams')} streams, encoder batches graphed "
+                  f"{measured.get('encoder_graphed_batches')} / eager {measured.get('encoder_eager_batches')}",
                   f"- monotone envelope: encoder {curves.encoder.num_raised} raised / {curves.encoder.num_filled} "
                   f"filled of {curves.encoder.raw_ms.size}; LM step {curves.lm_step.num_raised} raised / "
                   f"{curves.lm_step.num_filled} filled of {curves.lm_step.raw_ms.size}"]

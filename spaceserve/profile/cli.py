@@ -101,6 +101,11 @@ def run_profile(args: argparse.Namespace) -> int:
         existing = _existing_file(Path(args.out))
         engine_args = profiling_engine_args(args, grid)
         config = engine_args.create_engine_config()
+        if config.vision_cuda_graphs and config.vision_cuda_graph_patches is None:
+            from spaceserve.profile.sm_curves import vision_graph_buckets_for
+
+            merge = config.model_config.vision.spatial_merge_size
+            config = dataclasses.replace(config, vision_cuda_graph_patches=vision_graph_buckets_for(grid, merge))
     except (ValueError, SpaceServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -165,16 +165,29 @@ def measure_lm(engine, placements: Placements, grid: CurveGrid, rng: np.random.G
     return {"sms": np.array([s.sms for s in sides]), "median": median, "p90": p90}
 
 
-def capture_graphs_on_sides(engine, placements: Placements) -> int:
-    """Decode graphs on every LM side's stream (a graph runs on the SMs it was captured on); returns how many
-    streams have them. Nothing to do without graphs (CPU, eager)."""
+def capture_graphs_on_sides(engine, placements: Placements) -> tuple[int, int]:
+    """Decode graphs on every LM side's stream and vision graphs on every encoder side's (a graph runs on the SMs
+    of the stream it was captured on), as serving has them; returns how many streams have each. Nothing to do
+    without graphs (CPU, eager)."""
     runner = engine.model_runner
     graphs = getattr(runner, "cuda_graphs", None)
-    if graphs is None:
-        return 0
-    streams = tuple(s.stream for s in placements.lm_sides if s.stream is not None and s.stream != runner.stream)
-    runner.capture_cuda_graphs(graphs.sizes, streams)
-    return 1 + len(streams)
+    lm_streams = 0
+    if graphs is not None:
+        streams = tuple(s.stream for s in placements.lm_sides if s.stream is not None and s.stream != runner.stream)
+        runner.capture_cuda_graphs(graphs.sizes, streams)
+        lm_streams = 1 + len(streams)
+    vision = engine.encoder_stage.runner.vision_graphs
+    encoder_streams = [s.stream for s in placements.encoder_sides if s.stream is not None]
+    if vision is None or not encoder_streams:
+        return lm_streams, 0
+    vision.capture_on(encoder_streams)
+    return lm_streams, len(encoder_streams)
+
+
+def vision_graph_buckets_for(grid: CurveGrid, merge: int) -> tuple[int, ...]:
+    """The measured encoder batches' patch counts: as vision-graph buckets each replays its own graph unpadded."""
+    return tuple(sorted({sum(t * h * w for t, h, w in image_grids(p, grid.max_image_patches, merge))
+                         for p in grid.patches}))
 
 
 def profile_engine(engine, placements: Placements, grid: CurveGrid, *, time_budget_s: float,
@@ -183,8 +196,11 @@ def profile_engine(engine, placements: Placements, grid: CurveGrid, *, time_budg
     started = time.time()
     progress = _Progress(deadline=time.monotonic() + time_budget_s)
     rng = np.random.default_rng(seed)
-    graph_streams = capture_graphs_on_sides(engine, placements)
+    graph_streams, vision_streams = capture_graphs_on_sides(engine, placements)
+    encoder_runner = engine.encoder_stage.runner
+    graphed_before = encoder_runner.num_graphed_batches
     encoder = measure_encoder(engine, placements, grid, rng, progress)
+    encoder_graphed = encoder_runner.num_graphed_batches - graphed_before
     lm = measure_lm(engine, placements, grid, rng, progress)
     entry = {
         "key": dict(key),
@@ -202,6 +218,9 @@ def profile_engine(engine, placements: Placements, grid: CurveGrid, *, time_budg
             "grid": grid.as_dict(),
             "decode_graphs": progress.graphed_decode,
             "graph_streams": graph_streams,
+            "vision_graph_streams": vision_streams,
+            "encoder_graphed_batches": encoder_graphed,
+            "encoder_eager_batches": encoder_runner.num_eager_batches,
             "encoder_batches": "equal images of at most max_image_patches patches each (grid above)",
         },
         "curves": {

@@ -119,6 +119,13 @@ def test_layout_and_device_placements():
     assert cpu.total_sms == 1 and not cpu.partitioned
 
 
+def test_vision_graph_buckets_are_the_measured_batches():
+    from spaceserve.profile.sm_curves import vision_graph_buckets_for
+
+    grid = CurveGrid("g", patches=(1024, 4096, 9216, 18432), batches=(0, 1), contexts=(64,), prefill_tokens=(0,))
+    assert vision_graph_buckets_for(grid, 2) == (1024, 4096, 9216, 18432)
+
+
 @pytest.mark.parametrize("patches, largest", [(1024, 9216), (36864, 9216), (18432, 9216), (100, 64)])
 def test_encoder_batches_are_equal_images_under_the_largest(patches, largest):
     grids = image_grids(patches, largest, 2)

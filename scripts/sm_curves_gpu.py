@@ -1,6 +1,7 @@
 """SM resource-utility curves of Qwen2-VL-2B on this GPU, in one run of under 4 minutes: `spaceserve profile` with
 the default grid (the encoder on every split the device grants, the LM on every other one, plus the whole device)
-and 2 to 6 timed calls per point (estimated on an H200: ~50 s encoder, ~55 s LM, ~30 s engine build and ceilings),
+and 2 to 6 timed calls per point (estimated on an H200: ~50 s encoder, ~55 s LM, ~20 s capturing decode and vision
+graphs on every side's stream, ~30 s engine build and ceilings; points past a 190 s budget are filled),
 then a check of what came back and the allocator's choices on it for a few canonical states.
 
     python3 scripts/sm_curves_gpu.py --out $OUT/sm-curves-2b

@@ -8,6 +8,7 @@ import sys
 from spaceserve.bench.cli import add_bench_parser, run_bench
 from spaceserve.core.errors import SpaceServeError
 from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.profile.cli import add_profile_parser, run_profile
 from spaceserve.server.cli import add_serve_args, run_server
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     add_bench_parser(commands)
+    add_profile_parser(commands)
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_serve_args(serve)
     args = parser.parse_args(argv)
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "serve":
         return run_server(args)
+    if args.command == "profile":
+        return run_profile(args)
     try:
         return _generate(args)
     except SpaceServeError as exc:

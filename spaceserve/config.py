@@ -104,6 +104,27 @@ class VideoConfig:
 
 
 @dataclass(frozen=True)
+class AllocationConfig:
+    """space: what the SM allocator (sched/allocator.py) chooses splits from, and the SLOs it keeps."""
+
+    sm_curves: str | None = None
+    """A `spaceserve profile` JSON with this device's and model's curves; None: a small grid is profiled at
+    start-up."""
+    slo_tpot_ms: float = 50.0
+    """Time per output token the allocator keeps running decodes within."""
+    slo_ttft_ms: float = 2000.0
+    """Time to first token past which a queued request counts as a miss."""
+    startup_profile_s: float = 60.0
+    """Most seconds the start-up profile may take (without sm_curves)."""
+
+    def __post_init__(self) -> None:
+        if not (self.slo_tpot_ms > 0 and self.slo_ttft_ms > 0):
+            raise ConfigError(f"SLOs must be > 0 ms, got tpot {self.slo_tpot_ms} and ttft {self.slo_ttft_ms}")
+        if self.startup_profile_s <= 0:
+            raise ConfigError(f"startup_profile_s must be > 0, got {self.startup_profile_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     model_config: ModelConfig
@@ -139,6 +160,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
 
     def __post_init__(self) -> None:
         if self.multiplex not in MULTIPLEX_MODES:

@@ -54,7 +54,13 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     sweep.add_argument("--num-prompts", type=int, default=100, help="measured requests per rate point")
     sweep.add_argument("--num-warmups", type=int, default=4, help="requests sent first and not counted")
     sweep.add_argument("--max-concurrency", type=int, default=None)
-    sweep.add_argument("--slo", type=_arg(SLO.parse), default=None, help="goodput limits in s, e.g. ttft=2,tpot=0.05")
+    sweep.add_argument(
+        "--slo",
+        type=_arg(SLO.parse),
+        action="append",
+        default=None,
+        help="goodput limits in s, e.g. ttft=2,tpot=0.05; repeat for several (one row per SLO from the same requests)",
+    )
     sweep.add_argument("--request-timeout", type=float, default=None, help="seconds per HTTP request (openai)")
 
     workload = bench.add_argument_group("workload (the --seed flag seeds it too)")
@@ -125,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print_table(rows)
     if args.plot:
         try:
-            plot_rows(rows, args.plot)
+            plot_rows([row for row in rows if row["slo"] == rows[0]["slo"]], args.plot)  # latencies: any one SLO
         except ValueError as exc:
             print(f"no plot: {exc}", file=sys.stderr)
     return 0 if all(row["status"] == "ok" for row in rows) else 1
@@ -155,7 +161,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         burstiness=args.burstiness,
         num_warmups=args.num_warmups,
         max_concurrency=args.max_concurrency,
-        slo=args.slo,
+        slos=tuple(args.slo or ()),
         show_progress=not args.disable_tqdm,
     )
 

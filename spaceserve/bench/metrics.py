@@ -105,6 +105,21 @@ class SLO:
     def as_dict(self) -> dict[str, float | None]:
         return {"ttft_s": self.ttft, "tpot_s": self.tpot, "e2el_s": self.e2el}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, float | None]) -> SLO:
+        """The inverse of as_dict (a result row's "slo")."""
+        return cls(ttft=values.get("ttft_s"), tpot=values.get("tpot_s"), e2el=values.get("e2el_s"))
+
+    def label(self) -> str:
+        """e.g. "ttft<=2s,tpot<=25ms"."""
+        parts = [f"{name}<={_seconds_label(value)}" for name, value in
+                 (("ttft", self.ttft), ("tpot", self.tpot), ("e2el", self.e2el)) if value is not None]
+        return ",".join(parts) or "none"
+
+
+def _seconds_label(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1e3:g}ms"
+
 
 def metric_field_names() -> list[str]:
     """The metric keys every result row carries (values may be null)."""

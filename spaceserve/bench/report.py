@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
-from spaceserve.bench.metrics import metric_field_names
+from spaceserve.bench.metrics import SLO, metric_field_names
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,6 +179,10 @@ _TTFT_SPLIT_COLUMNS = tuple(
 )
 
 
+# shown when the rows carry SLOs: which one the goodput is for
+_SLO_COLUMN = ("slo", lambda r: SLO.from_dict(r["slo"]).label() if r.get("slo") else "-")
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -186,6 +190,8 @@ def _fmt(value: Any, spec: str) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of the runs (latencies in ms); failed runs show their error below."""
     columns = _TABLE_COLUMNS
+    if any(row.get("slo") for row in rows):
+        columns += (_SLO_COLUMN,)
     if any(row.get("p50_ttft_video_decode_ms") is not None for row in rows):
         columns += _TTFT_SPLIT_COLUMNS
     header = [name for name, _ in columns]

@@ -34,7 +34,8 @@ class SweepConfig:
     burstiness: float = 1.0
     num_warmups: int = 0
     max_concurrency: int | None = None
-    slo: SLO | None = None
+    slos: tuple[SLO, ...] = ()
+    """Each run is scored against every SLO: one row per (target, rate, SLO) from the same requests."""
     show_progress: bool = True
 
 
@@ -117,13 +118,17 @@ async def run_sweep(
     run_fields: dict[str, Any],
     on_row: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
-    """Every target at every rate; one row per (target, rate), also handed to `on_row` as soon as it exists."""
+    """Every target at every rate; one row per (target, rate, SLO), also handed to `on_row` as soon as it exists.
+    The rows of one run differ only in their SLO and what depends on it (goodput, attainment)."""
     rows = []
+    slos: tuple[SLO | None, ...] = config.slos or (None,)
 
-    def emit(fields: dict[str, Any], metrics: dict[str, Any] | None, error: str | None) -> None:
-        row = make_row(fields, metrics, error)
-        rows.append(row)
-        on_row(row)
+    def emit(fields: dict[str, Any], run: tuple[list[RequestRecord], float] | None, error: str | None) -> None:
+        for slo in slos:
+            metrics = None if run is None else compute_metrics(run[0], run[1], slo)
+            row = make_row({**fields, "slo": None if slo is None else slo.as_dict()}, metrics, error)
+            rows.append(row)
+            on_row(row)
 
     for target in targets:
         fields = {
@@ -134,7 +139,6 @@ async def run_sweep(
             "num_prompts": config.options.num_requests,
             "num_warmups": config.num_warmups,
             "max_concurrency": config.max_concurrency,
-            "slo": None if config.slo is None else config.slo.as_dict(),
         }
         try:
             backend, known = await target.open()
@@ -153,13 +157,13 @@ async def run_sweep(
                 point = {**fields, "request_rate": rate}
                 try:
                     before = await backend.engine_counters()
-                    metrics = await _run_rate_point(config, backend, workloads, target, rate_index)
+                    run = await _run_rate_point(config, backend, workloads, target, rate_index)
                     after = await backend.engine_counters()
                 except Exception as exc:
                     emit(point, None, f"{type(exc).__name__}: {exc}")
                 else:
                     counters = None if before is None or after is None else {k: after[k] - before[k] for k in after}
-                    emit({**point, "engine_counters": counters}, metrics, None)
+                    emit({**point, "engine_counters": counters}, run, None)
         finally:
             await backend.close()
     return rows
@@ -167,7 +171,7 @@ async def run_sweep(
 
 async def _run_rate_point(
     config: SweepConfig, backend: Backend, workloads: WorkloadSet, target: Target, rate_index: int
-) -> dict[str, Any]:
+) -> tuple[list[RequestRecord], float]:
     specs, offsets = workloads.rate_point(rate_index)
     rate = config.rates[rate_index]
     description = f"{target.multiplex}/{target.encoder_policy} rate={rate:g}"
@@ -180,4 +184,4 @@ async def _run_rate_point(
             config.max_concurrency,
             progress,
         )
-    return compute_metrics(records, start, config.slo)
+    return records, start

@@ -194,17 +194,79 @@ def custom(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[Reques
     return _build(options, text_maker, with_media=True)
 
 
-def _build(options: WorkloadOptions, text_maker: PromptTextMaker, with_media: bool) -> list[RequestSpec]:
+# aspect-mix: photos, screenshots and scans in both orientations, 0-3 per request (weights below)
+ASPECT_MIX_SIZES = ((640, 480), (480, 640), (1024, 768), (768, 1024), (1280, 720), (720, 1280), (1920, 1080),
+                    (1080, 1920), (800, 1200), (1600, 900), (512, 384), (1400, 1050))
+ASPECT_MIX_COUNTS = ((0, 0.2), (1, 0.4), (2, 0.25), (3, 0.15))
+# multi-image-skew: most requests are light (one small image), a third are heavy (3-4 large ones)
+SKEW_LIGHT_SIZES = ((448, 336), (336, 448), (448, 448), (560, 420))
+SKEW_HEAVY_SIZES = ((1344, 1008), (1008, 1344), (1280, 1280), (1600, 1200))
+SKEW_HEAVY_SHARE = 0.35
+
+
+@register_workload("aspect-mix")
+def aspect_mix(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    """0-3 images per request (20/40/25/15%) of non-square sizes in both orientations, 384 to 1920 px; prompt and
+    output lengths from the options. Meant with bursty arrivals (--burstiness 0.5). Its images are its own:
+    --image-sizes and --images-per-request are refused."""
+    _refuse_image_options(options, "aspect-mix")
+    counts, weights = zip(*ASPECT_MIX_COUNTS)
+
+    def images(rng: np.random.Generator) -> tuple[MediaItem, ...]:
+        count = int(rng.choice(counts, p=weights))
+        return tuple(_image(ASPECT_MIX_SIZES[int(rng.integers(len(ASPECT_MIX_SIZES)))], options, rng)
+                     for _ in range(count))
+
+    return _build(options, text_maker, with_media=True, media=images)
+
+
+@register_workload("multi-image-skew")
+def multi_image_skew(options: WorkloadOptions, text_maker: PromptTextMaker) -> list[RequestSpec]:
+    """Where the encoder's order decides TTFT: 65% of requests carry one small image (about 200 image tokens), 35%
+    carry 3-4 large ones (about 6000); with a small encoder budget (--encoder-budget-tokens) and bursty
+    arrivals, FCFS makes light requests wait behind heavy ones that arrived just before them, TWSRFT does not.
+    --image-sizes and --images-per-request are refused."""
+    _refuse_image_options(options, "multi-image-skew")
+
+    def images(rng: np.random.Generator) -> tuple[MediaItem, ...]:
+        heavy = rng.random() < SKEW_HEAVY_SHARE
+        sizes = SKEW_HEAVY_SIZES if heavy else SKEW_LIGHT_SIZES
+        count = int(rng.integers(3, 5)) if heavy else 1
+        return tuple(_image(sizes[int(rng.integers(len(sizes)))], options, rng) for _ in range(count))
+
+    return _build(options, text_maker, with_media=True, media=images)
+
+
+def _refuse_image_options(options: WorkloadOptions, name: str) -> None:
+    defaults = WorkloadOptions(0)
+    if options.image_sizes != defaults.image_sizes or options.images_per_request != defaults.images_per_request:
+        raise ValueError(f"{name} draws its own image sizes and counts; use the custom workload to choose them")
+
+
+def _build(
+    options: WorkloadOptions,
+    text_maker: PromptTextMaker,
+    with_media: bool,
+    media: Callable[[np.random.Generator], tuple[MediaItem, ...]] | None = None,
+) -> list[RequestSpec]:
+    """Requests from the options; `media` draws a request's images from its media generator (default: the
+    options' count range and size buckets). The text draws never depend on the media, so every workload built
+    here has text-only's prompts and output lengths."""
+
+    def default_media(rng: np.random.Generator) -> tuple[MediaItem, ...]:
+        count = options.images_per_request.draw(rng)
+        return tuple(_random_image(options, rng) for _ in range(count))
+
+    draw_media = media or default_media
+
     def build_one(index: int) -> RequestSpec:
         text_rng = request_rng(options.seed, index, _TEXT_STREAM)
         prompt_text = text_maker.make(options.prompt_len.draw(text_rng), text_rng)
         output_len = options.output_len.draw(text_rng)
-        media: tuple[MediaItem, ...] = ()
+        items: tuple[MediaItem, ...] = ()
         if with_media:
-            media_rng = request_rng(options.seed, index, _MEDIA_STREAM)
-            count = options.images_per_request.draw(media_rng)
-            media = tuple(_random_image(options, media_rng) for _ in range(count))
-        return RequestSpec(index=index, prompt_text=prompt_text, output_len=output_len, media=media)
+            items = draw_media(request_rng(options.seed, index, _MEDIA_STREAM))
+        return RequestSpec(index=index, prompt_text=prompt_text, output_len=output_len, media=items)
 
     if not with_media or options.num_requests < 2:
         return [build_one(index) for index in range(options.num_requests)]
@@ -218,7 +280,11 @@ _IMAGE_MIME = {"jpeg": "image/jpeg", "png": "image/png"}
 
 
 def _random_image(options: WorkloadOptions, rng: np.random.Generator) -> MediaItem:
-    width, height = options.image_sizes[int(rng.integers(len(options.image_sizes)))]
+    return _image(options.image_sizes[int(rng.integers(len(options.image_sizes)))], options, rng)
+
+
+def _image(size: tuple[int, int], options: WorkloadOptions, rng: np.random.Generator) -> MediaItem:
+    width, height = size
     pixels = smooth_noise(width, height, rng)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=options.image_format.upper(), **_SAVE_OPTIONS[options.image_format])

@@ -16,6 +16,7 @@ import torch
 
 from spaceserve.config import (
     MULTIPLEX_MODES,
+    AllocationConfig,
     CacheConfig,
     EncoderConfig,
     EngineConfig,
@@ -50,6 +51,10 @@ class EngineArgs:
     multiplex: str = "time"
     encoder_sms: str | int | tuple[int, ...] | None = None
     """space: SMs for the encoder, one count or several ("48,96": a split per count, chosen by LM load)."""
+    sm_curves: str | None = None
+    """space: resource-utility curves from `spaceserve profile` (default: a small grid profiled at start-up)."""
+    slo_tpot_ms: float = 50.0
+    slo_ttft_ms: float = 2000.0
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
@@ -133,6 +138,11 @@ class EngineArgs:
                 decode_gpus=_resolve_decode_gpus(self.video_decode_gpus),
                 chunk_tokens=self.video_chunk_tokens,
             ),
+            allocation=AllocationConfig(
+                sm_curves=_checked_curves_file(self.sm_curves),
+                slo_tpot_ms=self.slo_tpot_ms,
+                slo_ttft_ms=self.slo_ttft_ms,
+            ),
             encoder=EncoderConfig(
                 policy=self.encoder_policy,  # type: ignore[arg-type]
                 window_s=self.encoder_window_s,
@@ -206,6 +216,16 @@ class EngineArgs:
             help="run the engine core in a process of its own (default; --no-multiprocess: in this process, for "
             "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)",
         )
+        parser.add_argument(
+            "--sm-curves",
+            default=None,
+            help="space: resource-utility curves written by `spaceserve profile` (default: profile a small grid at "
+            "start-up)",
+        )
+        parser.add_argument(
+            "--slo-tpot-ms", type=float, default=50.0, help="TPOT the SM allocator keeps decodes within"
+        )
+        parser.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT the SM allocator aims for")
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument(
             "--enforce-eager", action="store_true", help="no CUDA graphs: neither decode steps nor the vision encoder"
@@ -268,6 +288,19 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _checked_curves_file(path: str | None) -> str | None:
+    """The path, once it reads as a curves file (which entry fits is known only on the device)."""
+    if path is None:
+        return None
+    from spaceserve.sched.resource_curves import CurvesError, CurvesFile
+
+    try:
+        CurvesFile.read(path)
+    except CurvesError as exc:
+        raise ConfigError(f"--sm-curves: {exc}") from None
+    return str(path)
 
 
 def _parse_sm_counts(counts: str | int | tuple[int, ...] | None) -> tuple[int, ...]:

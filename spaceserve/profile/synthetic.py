@@ -110,6 +110,17 @@ def prefill_step(engine, num_new_tokens: int, num_cached_tokens: int, rng: np.ra
     )
 
 
+def mixed_step(engine, batch: int, context: int, prefill_tokens: int, rng: np.random.Generator) -> SyntheticStep:
+    """`batch` decodes at `context` (as decode_step) plus one prompt's first prefill chunk of `prefill_tokens` in
+    the same step, as chunked prefill schedules them; batch 0 is a prefill-only step."""
+    if batch < 0 or prefill_tokens < 0 or batch + prefill_tokens == 0:
+        raise ValueError(f"a step needs decodes or prefill tokens, got batch={batch}, prefill_tokens={prefill_tokens}")
+    if batch and context < 2:
+        raise ValueError(f"a decode step needs context >= 2, got {context}")
+    shapes = [(context - 1, 1, 1)] * batch + ([(prefill_tokens, 0, prefill_tokens)] if prefill_tokens else [])
+    return _step(engine, shapes, rng, f"mixed-b{batch}-c{context}-p{prefill_tokens}")
+
+
 def fill_kv_caches_random(engine, seed: int) -> int:
     """Fill every KV cache tensor the runner holds with random values; returns the bytes filled."""
     caches = getattr(engine.model_runner, "kv_caches", None)

@@ -168,6 +168,20 @@ class SMPartitionManager:
                 cached = self._partitions[encoder_sms] = self._split(encoder_sms)
             return cached
 
+    def grantable_encoder_sms(self) -> tuple[int, ...]:
+        """Every encoder SM count a split can grant while leaving the LM some SMs, smallest first (8, 16, ..., 128
+        on a 132-SM Hopper). Probes the driver's split only: no context is made."""
+        counts: list[int] = []
+        ask = 1
+        while ask < self.total_sms:
+            groups, groups_made, remaining = _call(self._driver, "cuDevSmResourceSplitByCount", 1,
+                                                   self._sm_resource, 0, ask)
+            if groups_made < 1 or remaining.sm.smCount < 1 or groups[0].sm.smCount < ask:
+                break
+            counts.append(groups[0].sm.smCount)
+            ask = counts[-1] + 1
+        return tuple(counts)
+
     def _split(self, encoder_sms: int) -> SMPartition:
         groups, groups_made, remaining = _call(self._driver, "cuDevSmResourceSplitByCount", 1, self._sm_resource,
                                                0, encoder_sms)

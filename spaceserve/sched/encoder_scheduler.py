@@ -158,6 +158,10 @@ class EncoderScheduler:
             batch_tokens += num_tokens
         return EncoderBatch(items=tuple(batch), request_ids=frozenset(waiting)) if batch else None
 
+    def ordered_queue(self) -> list[EncoderWorkItem]:
+        """The queued items in the order `schedule` would take them (the policy's order)."""
+        return [self._queue[mm_hash] for mm_hash in self._ordered_hashes()] if self._queue else []
+
     def pop_evicted(self) -> list[str]:
         """Hashes the encoder cache evicted since the last call: their tensors can be dropped."""
         evicted, self._evicted = self._evicted, []

@@ -149,6 +149,15 @@ def test_the_encoder_gets_its_count_rounded_up_and_the_language_model_the_rest(r
     assert partition.encoder_stream.device == partition.lm_stream.device == CUDA0
 
 
+@pytest.mark.parametrize(("total", "granularity", "expected"),
+                         [(132, 8, tuple(range(8, 129, 8))), (114, 2, tuple(range(2, 114, 2))), (16, 8, (8,))])
+def test_grantable_counts_are_every_split_the_driver_gives_and_make_nothing(total, granularity, expected):
+    driver = FakeDriver(total_sms=total, granularity=granularity)
+    manager = make_manager(driver)
+    assert manager.grantable_encoder_sms() == expected
+    assert driver.count("cuGreenCtxCreate") == 0
+
+
 def test_a_partition_is_made_once_per_count_and_several_coexist():
     driver = FakeDriver(total_sms=114)
     manager = make_manager(driver)

@@ -15,8 +15,11 @@ from typing import Any
 import torch
 
 from spaceserve.config import (
+    DATA_PARALLEL_BACKENDS,
     MULTIPLEX_MODES,
+    ROUTER_POLICIES,
     CacheConfig,
+    DataParallelConfig,
     EncoderConfig,
     EngineConfig,
     SchedulerConfig,
@@ -77,6 +80,11 @@ class EngineArgs:
     None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
     video_chunk_tokens: int = 1024
     """Largest chunk of a video encoded and prefilled while the rest decodes; 0: one chunk per video."""
+    data_parallel_size: int = 1
+    """Engine-core replicas behind the one front (AsyncLLM), each in a process of its own."""
+    data_parallel_backend: str = "mp"
+    ray_address: str | None = None
+    router_policy: str = "cache_aware"
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -138,6 +146,12 @@ class EngineArgs:
                 window_s=self.encoder_window_s,
                 budget_tokens=self.encoder_budget_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
                 cache_tokens=self.encoder_cache_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
+            ),
+            data_parallel=DataParallelConfig(
+                data_parallel_size=self.data_parallel_size,
+                data_parallel_backend=self.data_parallel_backend,
+                ray_address=self.ray_address,
+                router_policy=self.router_policy,
             ),
         )
 
@@ -205,6 +219,32 @@ class EngineArgs:
             default=None,
             help="run the engine core in a process of its own (default; --no-multiprocess: in this process, for "
             "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)",
+        )
+        parser.add_argument(
+            "--data-parallel-size",
+            "-dp",
+            type=int,
+            default=1,
+            help="engine-core replicas behind one endpoint (one GPU each, or GPUs shared when "
+            "replicas x gpu-memory-utilization <= 1)",
+        )
+        parser.add_argument(
+            "--data-parallel-backend",
+            default="mp",
+            choices=list(DATA_PARALLEL_BACKENDS),
+            help="mp: replicas are local processes; ray: Ray actors in a placement group (pip install -e '.[ray]')",
+        )
+        parser.add_argument(
+            "--ray-address",
+            default=None,
+            help="ray: the cluster to place replicas on (default: a local Ray instance started for the run)",
+        )
+        parser.add_argument(
+            "--router-policy",
+            default="cache_aware",
+            choices=list(ROUTER_POLICIES),
+            help="data parallel: which replica gets a request (cache_aware: the one holding its images or prefix, "
+            "bounded by load; least_loaded; round_robin)",
         )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument(

@@ -1,0 +1,78 @@
+"""Data parallelism on the mp backend: two engine-core processes behind one AsyncLLM and its HTTP server."""
+
+from __future__ import annotations
+
+import pytest
+
+from spaceserve.core.errors import ConfigError
+from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.data_parallel.launch import mp_device_envs
+from spaceserve.server.app import create_app
+from spaceserve.server.args import ServerArgs
+from tests.engine import dp_scenarios
+from tests.server.conftest import ThreadedServer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return dp_scenarios.make_model_dir(tmp_path_factory.mktemp("dp-model"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    llm = dp_scenarios.reference_llm(model_dir)
+    yield llm
+    llm.llm_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    engine = dp_scenarios.start_engine(model_dir, data_parallel_size=2, data_parallel_backend="mp")
+    server = ThreadedServer(create_app(engine, ServerArgs(served_model_name="tiny")))
+    try:
+        yield engine, server
+    finally:
+        server.stop()
+        engine.shutdown()
+
+
+def test_two_replicas_answer_with_one_engines_greedy_text(served, reference):
+    engine, _ = served
+    assert engine.info["data_parallel"]["size"] == 2
+    assert engine.health()["status"] == "ok"
+    dp_scenarios.check_same_greedy_answers(engine, reference, seed=5)
+
+
+def test_a_repeated_image_goes_to_the_replica_that_encoded_it(served):
+    dp_scenarios.check_repeated_image_goes_where_it_was_encoded(served[0], seed=6)
+
+
+def test_a_killed_replica_fails_or_retries_its_requests_and_the_rest_serve(served, reference):
+    engine, server = served
+    dp_scenarios.check_replica_failure(engine, reference, seed=7, server=server)
+
+
+def test_replicas_take_one_gpu_each_and_share_only_within_the_memory_budget():
+    config = EngineArgs(model="tiny-qwen2-vl", device="cuda", gpu_memory_utilization=0.45)
+    # create_engine_config resolves a CUDA device only where one exists; the placement is pure arithmetic
+    engine_config = config.create_engine_config()
+    assert mp_device_envs(engine_config, 4, visible="3,5") == [{"CUDA_VISIBLE_DEVICES": g} for g in "3535"]
+    assert mp_device_envs(engine_config, 2, visible="", device_count=1) == [{"CUDA_VISIBLE_DEVICES": "0"}] * 2
+    with pytest.raises(ConfigError, match="lower it to at most 0.33"):
+        mp_device_envs(engine_config, 3, visible="", device_count=1)
+    pinned = EngineArgs(model="tiny-qwen2-vl", device="cuda:1").create_engine_config()
+    with pytest.raises(ConfigError, match="pins one GPU"):
+        mp_device_envs(pinned, 2, visible="0,1")
+    cpu = EngineArgs(model="tiny-qwen2-vl", device="cpu").create_engine_config()
+    assert mp_device_envs(cpu, 3) == [{}, {}, {}]
+
+
+def test_bad_data_parallel_settings_are_refused():
+    with pytest.raises(ConfigError, match="data_parallel_size"):
+        EngineArgs(model="tiny-qwen2-vl", data_parallel_size=0).create_engine_config()
+    with pytest.raises(ConfigError, match="ray_address needs"):
+        EngineArgs(model="tiny-qwen2-vl", data_parallel_size=2, ray_address="auto").create_engine_config()
+    with pytest.raises(ConfigError, match="offline engine"):
+        from spaceserve import LLM
+
+        LLM("tiny-qwen2-vl", data_parallel_size=2)

@@ -6,7 +6,7 @@ import pytest
 
 from spaceserve.core.errors import ConfigError
 from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.data_parallel.launch import mp_device_envs
+from spaceserve.engine.data_parallel.launch import mp_device_envs, shared_gpu_config
 from spaceserve.server.app import create_app
 from spaceserve.server.args import ServerArgs
 from tests.engine import dp_scenarios
@@ -65,6 +65,11 @@ def test_replicas_take_one_gpu_each_and_share_only_within_the_memory_budget():
         mp_device_envs(pinned, 2, visible="0,1")
     cpu = EngineArgs(model="tiny-qwen2-vl", device="cpu").create_engine_config()
     assert mp_device_envs(cpu, 3) == [{}, {}, {}]
+    # the second replica on a GPU sees the first's memory as held by others: it asks for two shares, one its own
+    shares = [shared_gpu_config(engine_config, position).cache.gpu_memory_utilization for position in range(2)]
+    assert shares == [0.45, 0.9]
+    fixed = EngineArgs(model="tiny-qwen2-vl", device="cuda", kv_cache_memory_bytes=1 << 30).create_engine_config()
+    assert shared_gpu_config(fixed, 1) is fixed
 
 
 def test_bad_data_parallel_settings_are_refused():

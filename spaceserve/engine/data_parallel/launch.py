@@ -3,7 +3,8 @@
 mp: local engine-core processes (core_client.MPClient), one GPU each through CUDA_VISIBLE_DEVICES, taken in turn
 from the GPUs the front sees; more replicas than GPUs share them, which needs replicas-per-GPU x
 gpu_memory_utilization <= 1. Replicas on different GPUs start at the same time; replicas sharing a GPU start one
-after another, so each one's memory profile sees the others' memory as already taken, not as its own. On a CPU
+after another, so each one's memory profile sees the ones before it as memory others hold, and
+gpu_memory_utilization is each one's share (shared_gpu_config). On a CPU
 every replica is a process on the CPU.
 
 ray: Ray actors in a placement group (ray_replica.py).
@@ -15,7 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spaceserve.config import DataParallelConfig, EngineConfig
@@ -56,8 +57,14 @@ def start_replicas(config: EngineConfig, dp: DataParallelConfig) -> ReplicaSet:
     by_device: dict[str, list[int]] = {}
     for index, env in enumerate(envs):
         by_device.setdefault(env.get("CUDA_VISIBLE_DEVICES", f"cpu-{index}"), []).append(index)
+    configs = [config] * len(envs)
+    for group in by_device.values():
+        for position, index in enumerate(group):
+            configs[index] = shared_gpu_config(config, position)
     clients = start_concurrently(
-        [lambda env=env: MPClient(config, env=env, wait=False) for env in envs], list(by_device.values())
+        [lambda env=env, config=replica_config: MPClient(config, env=env, wait=False)
+         for env, replica_config in zip(envs, configs)],
+        list(by_device.values()),
     )
     placements = [
         {"backend": "mp", "device": f"cuda (GPU {env['CUDA_VISIBLE_DEVICES']})" if env else "cpu",
@@ -99,6 +106,18 @@ def mp_device_envs(
             f"{cache.gpu_memory_utilization} of it; lower it to at most {math.floor(100 / per_gpu) / 100:.2f}"
         )
     return [{"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} for index in range(size)]
+
+
+def shared_gpu_config(config: EngineConfig, position: int) -> EngineConfig:
+    """The config of the replica started `position`-th on a GPU others already use. A replica sizes its KV cache to
+    total x gpu_memory_utilization minus what others hold (memory_planner.py); the replicas before it hold their
+    shares by then, so asking for (position + 1) shares leaves it its own one: gpu_memory_utilization is each
+    replica's share of the GPU."""
+    cache = config.cache
+    if position == 0 or cache.kv_cache_memory_bytes is not None or cache.num_gpu_blocks is not None:
+        return config
+    utilization = min(cache.gpu_memory_utilization * (position + 1), 1.0)
+    return replace(config, cache=replace(cache, gpu_memory_utilization=utilization))
 
 
 def start_concurrently(factories: list[Callable[[], MPClient]], groups: list[list[int]]) -> list[MPClient]:

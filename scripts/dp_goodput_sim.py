@@ -284,7 +284,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"sim-{args.model}.json").write_text(json.dumps(rows, indent=1))
+        (out / f"sim-{args.model}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (out / f"sim-{args.model}.md").write_text(table)
 
 

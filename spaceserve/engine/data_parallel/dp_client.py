@@ -142,7 +142,8 @@ class DPCoreClient(CoreClient):
                 self.replicas[decision.replica].add_request(request)
             except EngineDeadError:
                 self.router.finish(request.request_id)
-                self._replica_died(decision.replica, "it stopped answering")
+                reason = self.replicas[decision.replica]._exit_reason() or "its core is not reachable"
+                self._replica_died(decision.replica, reason)
                 continue
             except BaseException:
                 self.router.finish(request.request_id)

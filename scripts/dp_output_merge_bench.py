@@ -25,14 +25,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from spaceserve.core.engine_messages import (
-    CoreOutput,
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    EngineCoreStats,
-    StepOutputs,
-)
-from spaceserve.engine.serial import MessageDecoder, MessageEncoder
+from spaceserve.core.engine_messages import CoreOutput, StepOutputs
+from spaceserve.engine.serial import MessageDecoder
 
 PRODUCER = """
 import sys, time, zmq

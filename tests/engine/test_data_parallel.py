@@ -82,3 +82,42 @@ def test_bad_data_parallel_settings_are_refused():
         from spaceserve import LLM
 
         LLM("tiny-qwen2-vl", data_parallel_size=2)
+
+
+def test_what_the_router_weighs_is_what_the_replicas_cache(tmp_path):
+    """Images and (still undecoded) video chunks by content hash, and the prompt's KV block hashes exactly as the
+    replica's prefix cache computes them."""
+    import io
+
+    import numpy as np
+
+    from spaceserve import SamplingParams
+    from spaceserve.engine.data_parallel.dp_client import MAX_ROUTED_BLOCKS, route_request
+    from spaceserve.engine.input_processor import InputProcessor
+    from spaceserve.kvcache.prefix_hash import extend_block_hashes
+    from spaceserve.multimodal.video.synthetic import make_clip
+    from spaceserve.tokenizer import load_tokenizer
+    from tests.engine.test_multiplex import PAD
+
+    config = EngineArgs(model="tiny-qwen2-vl", max_model_len=8192, device="cpu").create_engine_config()
+    processor = InputProcessor(config, load_tokenizer(config.model_dir, config.model_config))
+    rng = np.random.default_rng(9)
+    image = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    clip = io.BytesIO()
+    make_clip(clip, width=64, height=48, seconds=2, fps=10, gop=10, seed=4)
+    video_pad = "<|vision_start|><|video_pad|><|vision_end|>"
+
+    def build(request_id: str, text: str):
+        prompt = {"prompt": f"{text} {PAD} then {video_pad} end", "multi_modal_data": {"image": image,
+                                                                                         "video": clip.getvalue()}}
+        return processor.process(request_id, prompt, SamplingParams(max_tokens=None))
+
+    first, second = build("a", "one two"), build("b", "three four five six")
+    assert first.pending_mm_work  # the video is not decoded yet, its chunks' hashes are known
+    routes = [route_request(request, 16, 8192) for request in (first, second)]
+    assert [r.mm_hash for r in routes[0].images] == [r.mm_hash for r in routes[1].images]
+    assert len(routes[0].images) == len(first.mm_features) > 2
+    assert routes[0].max_new_tokens == 8192 - len(first.prompt_token_ids)
+    extend_block_hashes(first, 16)
+    assert list(routes[0].block_hashes) == first.block_hashes[:MAX_ROUTED_BLOCKS]
+    assert routes[0].block_hashes[0] != routes[1].block_hashes[0]

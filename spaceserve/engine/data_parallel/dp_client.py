@@ -109,27 +109,7 @@ class DPCoreClient(CoreClient):
             self._send_routed(request, route, retry=False)
 
     def route_request(self, request: Request) -> RouteRequest:
-        """What the router weighs: the prompt's images by content hash and its first KV blocks' chained hashes
-        (the same hashes the replica's prefix cache computes), up to the first video still to decode (its hash is
-        not known yet)."""
-        pending = {index for index, _ in request.pending_mm_work}
-        features = request.mm_features
-        known_until = min((features[index].placeholder.offset for index in pending), default=len(request.prompt_token_ids))
-        images = tuple(
-            ImageRef(feature.mm_hash, feature.placeholder.offset, feature.num_tokens)
-            for index, feature in enumerate(features)
-            if index not in pending
-        )
-        tokens = request.prompt_token_ids
-        block_hashes, parent = [], None
-        size = self._block_size
-        for index in range(min(known_until // size, MAX_ROUTED_BLOCKS)):
-            start, end = index * size, (index + 1) * size
-            parent = hash_block(parent, tokens[start:end], block_extra_keys(request, start, end))
-            block_hashes.append(parent)
-        max_tokens = request.sampling_params.max_tokens
-        max_new = max_tokens if max_tokens is not None else max(self._max_model_len - len(tokens), 1)
-        return RouteRequest(request.request_id, len(tokens), max_new, images, tuple(block_hashes), size)
+        return route_request(request, self._block_size, self._max_model_len)
 
     def _send_routed(self, request: Request, route: RouteRequest, retry: bool) -> int:
         """Route and send (the lock is held); a replica found dead on the way is handled and the next one tried."""
@@ -365,6 +345,24 @@ class DPCoreClient(CoreClient):
     def close(self) -> None:
         for replica in self.replicas:
             replica.close()
+
+
+def route_request(request: Request, block_size: int, max_model_len: int) -> RouteRequest:
+    """What the router weighs: the prompt's images and video chunks by content hash (a video's is known once it
+    is probed, before it is decoded) and its first KV blocks' chained hashes (the same hashes the replica's prefix
+    cache computes)."""
+    images = tuple(
+        ImageRef(feature.mm_hash, feature.placeholder.offset, feature.num_tokens) for feature in request.mm_features
+    )
+    tokens = request.prompt_token_ids
+    block_hashes, parent = [], None
+    for index in range(min(len(tokens) // block_size, MAX_ROUTED_BLOCKS)):
+        start, end = index * block_size, (index + 1) * block_size
+        parent = hash_block(parent, tokens[start:end], block_extra_keys(request, start, end))
+        block_hashes.append(parent)
+    max_tokens = request.sampling_params.max_tokens
+    max_new = max_tokens if max_tokens is not None else max(max_model_len - len(tokens), 1)
+    return RouteRequest(request.request_id, len(tokens), max_new, images, tuple(block_hashes), block_size)
 
 
 def _combined_info(replicas: list[MPClient], dp: DataParallelConfig) -> dict[str, Any]:

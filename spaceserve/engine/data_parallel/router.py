@@ -67,8 +67,7 @@ class RouteRequest:
     max_new_tokens: int
     images: tuple[ImageRef, ...] = ()
     block_hashes: tuple[bytes, ...] = ()
-    """Chained hashes of the prompt's full KV blocks (kvcache/prefix_hash.py), up to the first image whose content
-    is not known yet (a video still to decode)."""
+    """Chained hashes of the prompt's first full KV blocks (kvcache/prefix_hash.py)."""
     block_size: int = 16
 
 

@@ -11,6 +11,8 @@ from spaceserve.models.config import ImageProcessorConfig, ModelConfig
 EncoderPolicy = Literal["fcfs", "twsrft"]
 MultiplexMode = Literal["time", "streams", "space", "auto"]
 MULTIPLEX_MODES: tuple[str, ...] = ("time", "streams", "space", "auto")
+DATA_PARALLEL_BACKENDS: tuple[str, ...] = ("mp", "ray")
+ROUTER_POLICIES: tuple[str, ...] = ("cache_aware", "least_loaded", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,34 @@ class AllocationConfig:
 
 
 @dataclass(frozen=True)
+class DataParallelConfig:
+    """Engine-core replicas behind one front (engine/data_parallel/): each a whole engine with its own KV cache and
+    encoder cache, on a GPU of its own (or a share of one), the front routing every request to one of them."""
+
+    data_parallel_size: int = 1
+    data_parallel_backend: str = "mp"
+    """mp: the replicas are local processes; ray: Ray actors placed by a placement group (one bundle each) on the
+    cluster at ray_address, or on a local Ray instance started for the run."""
+    ray_address: str | None = None
+    router_policy: str = "cache_aware"
+    """cache_aware: the replica that already holds the request's images or prompt prefix, unless that would
+    overload it; least_loaded: the fewest outstanding tokens; round_robin: in turn."""
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_backend not in DATA_PARALLEL_BACKENDS:
+            raise ConfigError(
+                f"data_parallel_backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}, got "
+                f"{self.data_parallel_backend!r}"
+            )
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ConfigError(f"router_policy must be one of {', '.join(ROUTER_POLICIES)}, got {self.router_policy!r}")
+        if self.ray_address is not None and self.data_parallel_backend != "ray":
+            raise ConfigError("ray_address needs data_parallel_backend='ray'")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     model_config: ModelConfig
@@ -161,6 +191,10 @@ class EngineConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+
+
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
+    """Read by the front only: each replica's engine core gets the default (one engine)."""
 
     def __post_init__(self) -> None:
         if self.multiplex not in MULTIPLEX_MODES:

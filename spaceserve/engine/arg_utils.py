@@ -15,9 +15,12 @@ from typing import Any
 import torch
 
 from spaceserve.config import (
+    DATA_PARALLEL_BACKENDS,
     MULTIPLEX_MODES,
+    ROUTER_POLICIES,
     AllocationConfig,
     CacheConfig,
+    DataParallelConfig,
     EncoderConfig,
     EngineConfig,
     SchedulerConfig,
@@ -82,6 +85,11 @@ class EngineArgs:
     None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
     video_chunk_tokens: int = 1024
     """Largest chunk of a video encoded and prefilled while the rest decodes; 0: one chunk per video."""
+    data_parallel_size: int = 1
+    """Engine-core replicas behind the one front (AsyncLLM), each in a process of its own."""
+    data_parallel_backend: str = "mp"
+    ray_address: str | None = None
+    router_policy: str = "cache_aware"
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -148,6 +156,12 @@ class EngineArgs:
                 window_s=self.encoder_window_s,
                 budget_tokens=self.encoder_budget_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
                 cache_tokens=self.encoder_cache_tokens or max(self.max_num_batched_tokens, largest_image_tokens),
+            ),
+            data_parallel=DataParallelConfig(
+                data_parallel_size=self.data_parallel_size,
+                data_parallel_backend=self.data_parallel_backend,
+                ray_address=self.ray_address,
+                router_policy=self.router_policy,
             ),
         )
 
@@ -226,6 +240,32 @@ class EngineArgs:
             "--slo-tpot-ms", type=float, default=50.0, help="TPOT the SM allocator keeps decodes within"
         )
         parser.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT the SM allocator aims for")
+        parser.add_argument(
+            "--data-parallel-size",
+            "-dp",
+            type=int,
+            default=1,
+            help="engine-core replicas behind one endpoint (one GPU each, or GPUs shared when "
+            "replicas x gpu-memory-utilization <= 1)",
+        )
+        parser.add_argument(
+            "--data-parallel-backend",
+            default="mp",
+            choices=list(DATA_PARALLEL_BACKENDS),
+            help="mp: replicas are local processes; ray: Ray actors in a placement group (pip install -e '.[ray]')",
+        )
+        parser.add_argument(
+            "--ray-address",
+            default=None,
+            help="ray: the cluster to place replicas on (default: a local Ray instance started for the run)",
+        )
+        parser.add_argument(
+            "--router-policy",
+            default="cache_aware",
+            choices=list(ROUTER_POLICIES),
+            help="data parallel: which replica gets a request (cache_aware: the one holding its images or prefix, "
+            "bounded by load; least_loaded; round_robin)",
+        )
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument(
             "--enforce-eager", action="store_true", help="no CUDA graphs: neither decode steps nor the vision encoder"

@@ -139,6 +139,18 @@ class AsyncLLM:
     def dead_error(self) -> EngineDeadError | None:
         return self._dead_error
 
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded" | "dead", ...}: degraded while some data-parallel replicas failed and
+        others still serve (the replicas' states are listed)."""
+        if self._dead_error is not None:
+            return {"status": "dead", "error": str(self._dead_error)}
+        return self._client.health()
+
+    def router_stats(self) -> dict[str, Any] | None:
+        """Data parallel: the router's decisions by reason and each replica's load; None with one engine core."""
+        router_stats = getattr(self._client, "router_stats", None)
+        return router_stats() if router_stats is not None else None
+
     @property
     def stats(self) -> EngineStats:
         """The snapshot the core sent with its latest outputs; reading it never touches engine state."""

@@ -63,7 +63,14 @@ def multiprocessing_enabled(multiprocess: bool | None = None) -> bool:
 
 
 def make_core_client(config: EngineConfig, multiprocess: bool | None = None) -> CoreClient:
-    """Start an engine core for `config` and return a client once it is ready (raises its start-up error)."""
+    """Start an engine core for `config` and return a client once it is ready (raises its start-up error); with
+    data_parallel_size > 1, that many replicas behind one client (engine/data_parallel/)."""
+    if config.data_parallel.data_parallel_size > 1:
+        if multiprocess is False:
+            raise errors.ConfigError("data-parallel replicas run in processes of their own; drop multiprocess=False")
+        from spaceserve.engine.data_parallel.dp_client import DPCoreClient
+
+        return DPCoreClient(config)
     return MPClient(config) if multiprocessing_enabled(multiprocess) else ThreadedClient(config)
 
 
@@ -122,6 +129,12 @@ class CoreClient:
         elif isinstance(message, EngineCoreDead):
             self._mark_dead(EngineDeadError(message.error))
         return message
+
+    def health(self) -> dict[str, Any]:
+        """ok while the core serves, dead once it stopped (a data-parallel client adds degraded)."""
+        if self.dead_error is None:
+            return {"status": "ok"}
+        return {"status": "dead", "error": str(self.dead_error)}
 
     def _mark_dead(self, error: EngineDeadError) -> None:
         if self.dead_error is None:
@@ -239,27 +252,64 @@ class _QueueTransport:
 
 
 class MPClient(CoreClient):
-    """The core in a process of its own, over two ZMQ IPC sockets in a private temporary directory."""
+    """The core in a process of its own, over two ZMQ sockets this side binds (IPC, in a private temporary
+    directory). Subclasses place the core elsewhere by overriding _bind, _launch, _exit_reason and _stop
+    (data_parallel/ray_replica.py: a Ray actor reached over TCP)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        """env: variables to set in the core's process (CUDA_VISIBLE_DEVICES for a data-parallel replica). wait=False
+        returns once the core is launched; call wait_until_ready before anything else (to start several at once).
+
+        The core's process is told to stop when the thread that launches it ends (PR_SET_PDEATHSIG follows the
+        parent thread): launch it from a thread that lives as long as the client."""
         super().__init__()
-        self._dir = tempfile.mkdtemp(prefix="spaceserve-core-")
+        self._dir: str | None = None
+        self.process: subprocess.Popen | None = None
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)  # queue without bound: a send never waits for a busy core
         self._output = self._context.socket(zmq.PULL)
         self._output.setsockopt(zmq.RCVHWM, 0)
+        self._encoder = MessageEncoder()
+        self._decoder = MessageDecoder(CoreOutput)
+        try:
+            input_address, output_address = self._bind()
+            self._launch(config, input_address, output_address, env or {})
+        except BaseException:
+            self.shutdown()
+            self.close()
+            raise
+        if wait:
+            self.wait_until_ready()
+
+    def wait_until_ready(self) -> None:
+        """Wait for the core's ready message (sets `info`); raises its start-up error, after stopping it."""
+        try:
+            self.info = self._wait_until_ready()
+        except BaseException:
+            self.shutdown()
+            self.close()
+            raise
+
+    @property
+    def output_socket(self) -> zmq.Socket:
+        """What the core's outputs arrive on (for a poller over several cores); read it through get_output."""
+        return self._output
+
+    def _bind(self) -> tuple[str, str]:
+        self._dir = tempfile.mkdtemp(prefix="spaceserve-core-")
         input_address, output_address = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
         self._input.bind(input_address)
         self._output.bind(output_address)
-        self._encoder = MessageEncoder()
-        self._decoder = MessageDecoder(CoreOutput)
+        return input_address, output_address
+
+    def _launch(self, config: EngineConfig, input_address: str, output_address: str, env: dict[str, str]) -> None:
         config_path = os.path.join(self._dir, "config.pickle")
         with open(config_path, "wb") as f:  # once, at start-up: the frozen config dataclasses
             pickle.dump(config, f)
         # a fresh interpreter running the core module (not multiprocessing's spawn, which re-runs the caller's
         # __main__), importing this very spaceserve
-        env = dict(os.environ)
+        env = {**os.environ, **env}
         package_root = str(Path(spaceserve.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         command = [
@@ -267,12 +317,26 @@ class MPClient(CoreClient):
             str(logging.getLogger().getEffectiveLevel()),
         ]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+
+    def _exit_reason(self) -> str | None:
+        """None while the core runs; otherwise why it is gone."""
+        if self.process is None:
+            return "the engine core was never started"
+        if self.process.poll() is None:
+            return None
+        return f"the engine core process died (exit code {self.process.returncode})"
+
+    def _stop(self) -> None:
+        """After Shutdown was sent: make sure the core has stopped, forcing it if need be."""
         try:
-            self.info = self._wait_until_ready()
-        except BaseException:
-            self.shutdown()
-            self.close()
-            raise
+            self.process.wait(_SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(_SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def _wait_until_ready(self) -> dict[str, Any]:
         while True:
@@ -298,8 +362,7 @@ class MPClient(CoreClient):
             wait = _LIVENESS_POLL_S if deadline is None else min(_LIVENESS_POLL_S, max(deadline - time.monotonic(), 0))
             if self._output.poll(int(wait * 1000), zmq.POLLIN):
                 return self._decoder.decode(self._output.recv_multipart(copy=False))
-            if self.process.poll() is not None:
-                error = f"the engine core process died (exit code {self.process.returncode})"
+            if (error := self._exit_reason()) is not None:
                 if self.dead_error is None:
                     logger.error(error)
                 return EngineCoreDead(self.dead_error.args[0] if self.dead_error else error)
@@ -308,21 +371,13 @@ class MPClient(CoreClient):
 
     def shutdown(self) -> None:
         """Ask the core to stop, then make sure it has: no process and no socket file is left behind."""
-        if self.process.poll() is None:
+        if self._exit_reason() is None:
             try:
                 with self._send_lock:
                     self._send_message(Shutdown())
             except (EngineDeadError, zmq.ZMQError):
                 pass  # not connected (any more): it is ending, or is terminated below
-            try:
-                self.process.wait(_SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.terminate()
-                try:
-                    self.process.wait(_SHUTDOWN_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            self._stop()
         if self.dead_error is None:
             self._mark_dead(EngineDeadError("the engine was shut down"))
 
@@ -332,4 +387,5 @@ class MPClient(CoreClient):
         self._input.close(linger=0)
         self._output.close(linger=0)
         self._context.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

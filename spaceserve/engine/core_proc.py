@@ -59,6 +59,12 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     _die_with_parent()
+    serve_engine_core(config, input_address, output_address)
+
+
+def serve_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
+    """Connect to the front's two sockets, build the core, say it is ready and serve until Shutdown (or a failure,
+    reported as EngineCoreDead). Also what a Ray actor runs (data_parallel/ray_replica.py), which Ray supervises."""
     context = zmq.Context()
     input_socket = context.socket(zmq.PULL)
     input_socket.setsockopt(zmq.RCVHWM, 0)

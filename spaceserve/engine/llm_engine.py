@@ -14,7 +14,7 @@ from typing import Any
 
 from spaceserve.config import EngineConfig
 from spaceserve.core.engine_messages import EngineCoreDead, FinishReason, StepOutputs
-from spaceserve.core.errors import InvalidInputError
+from spaceserve.core.errors import ConfigError, InvalidInputError
 from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
@@ -30,6 +30,8 @@ __all__ = ["DECODE_FAILURE_PREFIX", "LLMEngine"]
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, multiprocess: bool | None = None) -> None:
+        if config.data_parallel.data_parallel_size > 1:
+            raise ConfigError("the offline engine runs one engine core; data parallelism is AsyncLLM's (spaceserve serve)")
         self.config = config
         self.tokenizer = load_tokenizer(config.model_dir, config.model_config)
         self.input_processor = InputProcessor(config, self.tokenizer)

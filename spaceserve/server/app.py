@@ -30,7 +30,7 @@ from spaceserve.server.serving_completion import OpenAIServingCompletion
 
 def make_metrics(engine: AsyncLLM, served_model_name: str) -> ServerMetrics:
     """Create the metrics and hook them to the engine's finished-request stream."""
-    metrics = ServerMetrics(served_model_name, lambda: engine.stats)
+    metrics = ServerMetrics(served_model_name, lambda: engine.stats, engine.router_stats)
     engine.stat_loggers.append(metrics)
     return metrics
 
@@ -57,9 +57,14 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.is_running:
-            return Response(status_code=200)
-        return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)}, status_code=503)
+        """200 while the engine serves (with data parallelism, a body saying ok or degraded and each replica's
+        state); 503 once nothing can serve."""
+        state = engine.health()
+        if state["status"] == "dead":
+            return JSONResponse({"status": "unhealthy", "error": state["error"]}, status_code=503)
+        if "replicas" in state:
+            return JSONResponse(state, status_code=200)
+        return Response(status_code=200)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -9,12 +9,14 @@ one process (tests).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spaceserve.core.outputs import RequestOutput
+from spaceserve.engine.data_parallel.router import REASONS
 from spaceserve.engine.stats import EngineStats
 
 # seconds; dense where interactive serving lives, sparse out to the long tail
@@ -26,7 +28,13 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15
 class ServerMetrics:
     """A StatLogger for AsyncLLM plus the registry /metrics renders."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        router_stats: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """router_stats: AsyncLLM.router_stats (data parallelism: the router's decisions and replica loads)."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self.model_name = model_name
@@ -67,6 +75,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineStatsCollector(model_name, stats))
+        if router_stats is not None and router_stats() is not None:
+            self.registry.register(_RouterCollector(model_name, router_stats))
 
     def record_finished(self, output: RequestOutput) -> None:
         times = output.metrics
@@ -94,7 +104,13 @@ class ServerMetrics:
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        router_stats: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
+        """router_stats: AsyncLLM.router_stats (data parallelism: the router's decisions and replica loads)."""
         self.model_name = model_name
         self.stats = stats
 
@@ -120,4 +136,43 @@ class _EngineStatsCollector(Collector):
         for name, doc, value in counters:
             family = CounterMetricFamily(f"spaceserve:{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
+            yield family
+
+
+class _RouterCollector(Collector):
+    """Data parallelism: where the router sent requests and why, and each replica's state."""
+
+    def __init__(self, model_name: str, router_stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.model_name = model_name
+        self.router_stats = router_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self.router_stats()
+        if stats is None:
+            return
+        decisions = CounterMetricFamily(
+            "spaceserve:router_decisions",
+            "Requests routed to a data-parallel replica, by reason (image_affinity, prefix_affinity: the replica held "
+            "the request's images or prefix; least_loaded; affinity_overloaded: the holder was too loaded; "
+            "round_robin; retry: re-sent after its replica failed).",
+            labels=["model_name", "reason"],
+        )
+        for reason in REASONS:
+            decisions.add_metric([self.model_name, reason], float(stats["decisions"].get(reason, 0)))
+        yield decisions
+        replicas = stats["replicas"]
+        alive = GaugeMetricFamily(
+            "spaceserve:data_parallel_replicas_alive", "Data-parallel replicas serving.", labels=["model_name"]
+        )
+        alive.add_metric([self.model_name], float(sum(replica["alive"] for replica in replicas)))
+        yield alive
+        per_replica = [
+            ("router_requests_in_flight", "Requests in flight on each data-parallel replica.", "requests"),
+            ("router_outstanding_tokens", "Prompt tokens to compute and tokens to generate on each replica, as the "
+             "router estimates them.", "outstanding_tokens"),
+        ]
+        for name, doc, key in per_replica:
+            family = GaugeMetricFamily(f"spaceserve:{name}", doc, labels=["model_name", "replica"])
+            for index, replica in enumerate(replicas):
+                family.add_metric([self.model_name, str(index)], float(replica[key]))
             yield family

@@ -24,11 +24,14 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.engine.encoder_stage import EncoderStage
+from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
+from spaceserve.profile.sm_curves import engine_curves
 from spaceserve.runtime.model_runner import StepHandle
+from spaceserve.sched.allocation_types import Allocation
 from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
@@ -83,6 +86,8 @@ class _LaunchedStep:
     gap_start: torch.cuda.Event | None
     """The previous LM step's end event, when the GPU had one just before this step (for lm_gpu_gap_s)."""
     inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    allocation: Allocation | None = None
+    """The SM allocator's decision this step was scheduled under (space), to count its prediction."""
 
 
 class EngineCore:
@@ -126,6 +131,11 @@ class EngineCore:
             decoders=self.video_decoders,
         )
         self.videos = VideoJobs(self.video_stage, self.encoder_stage.scheduler, self.scheduler.requests)
+        # space: the SM allocator picks each encoder batch's split and each LM step's prefill chunk from measured
+        # resource-utility curves (--sm-curves, or a short profile of this engine's splits now)
+        self.allocation: SMAllocation | None = None
+        if self.layout.partitions:
+            self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
@@ -186,9 +196,16 @@ class EngineCore:
             self.loop_stats.encoder_inline_s += encoder_s
             self.loop_stats.encoder_inline_batches += int(encoded)
             step_start += encoder_s  # kept out of lm_host_s
-        scheduled = self.scheduler.schedule()
-        stage.dispatch(lm_idle=scheduled.is_empty and self._in_flight is None, num_running=self.scheduler.num_running)
-        launched = self._launch(scheduled) if not scheduled.is_empty else None
+        decision = None
+        if self.allocation is not None:
+            decision = self.allocation.decide(self.scheduler, stage.scheduler)
+        if decision is not None and decision.lm_sms == 0:
+            scheduled = SchedulerOutput(())  # the LM waits for a whole-device encoder batch
+        else:
+            scheduled = self.scheduler.schedule(None if decision is None else decision.prefill_tokens)
+        lm_idle = scheduled.is_empty and self._in_flight is None
+        stage.dispatch(lm_idle=lm_idle, num_running=self.scheduler.num_running, allocation=decision)
+        launched = self._launch(scheduled, decision) if not scheduled.is_empty else None
         to_collect = launched
         if self.async_scheduling:
             to_collect, self._in_flight = self._in_flight, launched
@@ -201,7 +218,10 @@ class EngineCore:
         runner_output = self.model_runner.collect(to_collect.handle)
         collected = time.monotonic()
         stage.resolve_end_times()
-        self._account_gpu_time(to_collect)
+        gpu_ms = self._account_gpu_time(to_collect)
+        if self.allocation is not None:
+            decoded = any(seq.num_scheduled_tokens == 1 for seq in to_collect.scheduled.sequences)
+            self.allocation.lm_step_collected(to_collect.allocation, gpu_ms, decoded)
         outputs = self._process_step_output(to_collect.scheduled, runner_output)
         stats = self.loop_stats
         stats.lm_steps += 1
@@ -210,28 +230,36 @@ class EngineCore:
         stats.lm_host_s += (launch_done - step_start) + (time.monotonic() - collected)
         return failed + outputs
 
-    def _launch(self, scheduled: SchedulerOutput) -> _LaunchedStep:
+    def _launch(self, scheduled: SchedulerOutput, decision: Allocation | None = None) -> _LaunchedStep:
         stage = self.encoder_stage
         if (stream := stage.lm_stream()) is not None:
             self.model_runner.use_stream(stream)
         handle = self.model_runner.launch(scheduled, stage.embeddings)
-        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span())
+        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span(), decision)
         if handle.gpu_span is not None:
             self._last_lm_end = handle.gpu_span[1]
         return launched
 
-    def _account_gpu_time(self, step: _LaunchedStep) -> None:
-        """Add a collected step's GPU time and the idle gap before it (its events have completed)."""
+    def _account_gpu_time(self, step: _LaunchedStep) -> float | None:
+        """Add a collected step's GPU time and the idle gap before it (its events have completed); returns the
+        step's GPU ms (None off CUDA)."""
         span = step.handle.gpu_span
         if span is None:
-            return
+            return None
         stats = self.loop_stats
-        stats.lm_gpu_s += span[0].elapsed_time(span[1]) / 1e3
+        step_ms = span[0].elapsed_time(span[1])
+        stats.lm_gpu_s += step_ms / 1e3
         if step.gap_start is not None:
             gap = step.gap_start.elapsed_time(span[0]) / 1e3
             if step.inline_encoder_span is not None:
                 gap -= step.inline_encoder_span[0].elapsed_time(step.inline_encoder_span[1]) / 1e3
             stats.lm_gpu_gap_s += max(gap, 0.0)
+        return step_ms
+
+    def attach_allocation(self, allocation: SMAllocation | None) -> None:
+        """Hand the SM allocation (space) to the step loop and the encoder stage; None: the fixed split policy."""
+        self.allocation = allocation
+        self.encoder_stage.attach_allocation(allocation)
 
     def has_step_in_flight(self) -> bool:
         return self._in_flight is not None
@@ -341,6 +369,8 @@ class EngineCore:
         """Totals of where both loops spend their time (for benchmarks: the GIL and host work, measured)."""
         counters: dict[str, float] = asdict(self.loop_stats)
         counters.update(self.encoder_stage.counters())
+        if self.allocation is not None:
+            counters.update(self.allocation.as_dict())
         return counters
 
     def engine_counters(self) -> dict[str, float]:

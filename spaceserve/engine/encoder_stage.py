@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,7 +38,11 @@ from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
 from spaceserve.runtime.sm_partition import SMPartition
 from spaceserve.runtime.vision_graphs import VisionCUDAGraphs
+from spaceserve.sched.allocation_types import Allocation
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
+
+if TYPE_CHECKING:
+    from spaceserve.engine.sm_allocation import SMAllocation
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 
@@ -70,6 +75,7 @@ class EncoderStage:
         self._inline_span: GpuSpan | None = None
         self.worker: EncoderWorker | None = None
         self._split: SMPartition | None = None  # the split of the batches in flight (None: whole device / streams)
+        self._allocation: SMAllocation | None = None
         if layout.concurrent:
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
             self.worker = EncoderWorker(self.runner, device)
@@ -143,10 +149,18 @@ class EncoderStage:
             self._split = None
         return bool(finished)
 
-    def dispatch(self, lm_idle: bool, num_running: int) -> None:
-        """Hand the worker new batches in policy order while it has room."""
+    def attach_allocation(self, allocation: SMAllocation | None) -> None:
+        """The SM allocation told of each batch dispatched and finished (its predictions against measured times)."""
+        self._allocation = allocation
+
+    def dispatch(self, lm_idle: bool, num_running: int, allocation: Allocation | None = None) -> None:
+        """Hand the worker new batches in policy order while it has room. With the SM allocator's decision: the next
+        batch only, on the split (or the whole device) it chose, or none when it chose 0 encoder SMs."""
         worker = self.worker
         if worker is None:
+            return
+        if allocation is not None:
+            self._dispatch_allocated(allocation)
             return
         while worker.has_room:
             on_full_device = lm_idle and not self.busy and self.layout.encoder_full_stream is not None
@@ -166,6 +180,23 @@ class EncoderStage:
             worker.submit(batch, stream, on_full_device)
             if on_full_device:
                 return  # a whole-device batch runs alone
+
+    def _dispatch_allocated(self, allocation: Allocation) -> None:
+        sms = allocation.encoder_sms
+        if sms <= 0 or not self.worker.has_room:
+            return
+        on_full_device = sms >= self.layout.total_sms or not self.layout.partitions
+        split = None if on_full_device else self.layout.partition_with(sms)
+        if self.busy and (on_full_device or split is not self._split):
+            return  # one split at a time (the allocator plans for the one in flight; this guards a stale view)
+        batch = self._take_batch()
+        if batch is None:
+            return
+        stream = self.layout.encoder_full_stream if on_full_device else split.encoder_stream
+        self._split = split
+        self.worker.submit(batch, stream, on_full_device)
+        if self._allocation is not None:
+            self._allocation.dispatched(allocation, sms, batch.request_ids)
 
     def lm_stream(self) -> torch.cuda.Stream | None:
         """Where the LM step runs now: its side of the split in flight, else the whole device (None: its own)."""
@@ -214,6 +245,8 @@ class EncoderStage:
             raise EncoderFailedError(f"encoding {len(done.batch.items)} items failed: {done.error!r}") from done.error
         self._store(done.embeddings)
         self._stamp(done.batch.request_ids, "encoder_end_time", done.end_time)
+        if self._allocation is not None:
+            self._allocation.batch_finished(done.batch.request_ids, done.end_time - done.start_time)
 
     def _stamp(self, request_ids: Iterable[str], field: str, value: float) -> None:
         """Set a timestamp on those of `request_ids` still in flight (aborted ones are gone)."""

@@ -5,9 +5,9 @@
   On CPU: the encoder runs in a worker thread with no streams.
 - space: disjoint SM partitions, one green-context split per configured encoder share; the LM uses its side of the
   split while an encoder batch is in flight and a stream over the whole device otherwise; the encoder uses its side,
-  or the whole device when the LM had nothing to run as its batch was dispatched. With several splits,
-  `partition_for` picks per batch: the largest encoder share while the LM runs few sequences (decode barely needs
-  SMs, the image's TTFT does), the smallest once it runs many (their TPOT does).
+  or the whole device. The engine's SM allocator (engine/sm_allocation.py) picks among these splits per batch from
+  measured curves; `partition_for` (the largest encoder share while the LM runs few sequences, the smallest once it
+  runs many) is the fixed policy used when no allocator is attached.
 - auto: space where green contexts work, otherwise time, with the reason.
 """
 
@@ -24,9 +24,10 @@ from spaceserve.runtime.sm_partition import SMPartition, get_partition_manager, 
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENCODER_SM_FRACTIONS = (0.36, 0.73)
-"""Without --encoder-sms, space's splits give the encoder about these shares of the SMs (48 and 96 of an H100's or
-H200's 132), picked from the bench sweep of 48/64/96 on the H200 (docs/PERFORMANCE.md)."""
+DEFAULT_ENCODER_SM_FRACTIONS = (0.25, 0.5, 0.75)
+"""Without --encoder-sms, space's splits give the encoder about these shares of the SMs (32, 64 and 96 of an H100's
+or H200's 132, after the driver's rounding), for the allocator to choose from; each split costs a set of decode graphs
+on its LM side and of vision graphs on its encoder side."""
 
 LIGHT_LOAD_SEQS = 16
 """At most this many running sequences: the LM is lightly loaded and the encoder gets the largest split."""
@@ -52,6 +53,22 @@ class ExecutionLayout:
         if not self.partitions:
             raise RuntimeError(f"{self.mode} has no SM partitions")
         return self.partitions[-1] if num_running <= LIGHT_LOAD_SEQS else self.partitions[0]
+
+    @property
+    def total_sms(self) -> int:
+        """The device's SMs (space); 0 without partitions."""
+        return self.partitions[0].total_sms if self.partitions else 0
+
+    @property
+    def encoder_sms_counts(self) -> tuple[int, ...]:
+        """The encoder shares of the splits (space), smallest first."""
+        return tuple(p.encoder_sms for p in self.partitions)
+
+    def partition_with(self, encoder_sms: int) -> SMPartition:
+        for partition in self.partitions:
+            if partition.encoder_sms == encoder_sms:
+                return partition
+        raise KeyError(f"no split gives the encoder {encoder_sms} SMs; the layout has {self.encoder_sms_counts}")
 
     @property
     def concurrent(self) -> bool:

@@ -82,8 +82,11 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_prefill_tokens: int | None = None) -> SchedulerOutput:
+        """The next step. `max_prefill_tokens` caps the tokens of prefill chunks (everything but the one-token steps
+        of requests already generating), e.g. to keep a decode step inside its TPOT budget (the SM allocator)."""
         budget = self.config.max_num_batched_tokens
+        prefill_left = budget if max_prefill_tokens is None else max(0, max_prefill_tokens)
         scheduled: list[ScheduledSequence] = []
         preempted: list[str] = []
 
@@ -93,8 +96,12 @@ class Scheduler:
             start = request.num_computed_tokens
             num_new = 0
             if not self._inflight_tokens_finish(request):
-                num_new = min(request.num_tokens_with_placeholders - start, budget)
+                remaining = request.num_tokens_with_placeholders - start
+                decoding = remaining == 1 and request.num_output_tokens + request.num_output_placeholders > 0
+                num_new = min(remaining, budget if decoding else min(budget, prefill_left))
                 num_new = self._limit_to_ready_images(request, start, num_new)
+                if not decoding:
+                    prefill_left -= max(num_new, 0)
             if num_new <= 0:
                 index += 1
                 continue
@@ -111,7 +118,7 @@ class Scheduler:
             index += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            self._admit_waiting(min(budget, prefill_left), scheduled)
         for seq in scheduled:
             seq.request.num_computed_tokens = seq.end
             if seq.samples:
@@ -127,7 +134,7 @@ class Scheduler:
         max_tokens = request.sampling_params.max_tokens
         return max_tokens is not None and request.num_output_tokens + request.num_output_placeholders >= max_tokens
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> None:
         blocked_on_images: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.popleft()
@@ -147,7 +154,6 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_hit, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(blocked_on_images))
-        return budget
 
     def _limit_to_ready_images(self, request: Request, start: int, num_new: int) -> int:
         """Cut the token range [start, start + num_new) just before the first image that is not encoded yet."""

@@ -178,3 +178,21 @@ def test_max_num_seqs_caps_the_running_batch():
     out = step(sched)
     assert [s.request.request_id for s in out.sequences] == ["a", "b"]
     assert sched.num_waiting == 2
+
+
+def test_a_prefill_cap_limits_prefill_chunks_and_never_the_decodes():
+    rng = random.Random(11)
+    sched = make_scheduler(budget=64, max_seqs=8)
+    for rid in "ab":
+        sched.add_request(text_request(rid, 10, rng, max_tokens=8))
+    step(sched)  # both prefilled, each now decodes
+    for rid in "cd":
+        sched.add_request(text_request(rid, 30, rng, max_tokens=4))
+    capped = sched.schedule(max_prefill_tokens=12)
+    rows = {s.request.request_id: s.num_scheduled_tokens for s in capped.sequences}
+    assert rows["a"] == rows["b"] == 1  # decodes untouched by the cap
+    assert sum(n for rid, n in rows.items() if rid in "cd") == 12 and rows["c"] == 12 and "d" not in rows
+    sampled = {s.request.request_id: 5 for s in capped.sequences if s.samples}
+    sched.update_from_output(capped, ModelRunnerOutput(sampled))
+    none = sched.schedule(max_prefill_tokens=0)
+    assert {s.request.request_id for s in none.sequences} == {"a", "b"}

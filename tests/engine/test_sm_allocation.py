@@ -1,0 +1,99 @@
+"""The SM allocator in the engine loop (space), on the CPU: a layout of splits whose streams are the CPU's (the
+worker thread runs every batch), fake curves shaped like a 132-SM Hopper. Each decision is acted on (the split a batch
+runs on, the prefill chunk an LM step takes, the LM waiting behind a whole-device batch), counted with its
+predictions, and the tokens stay those of `time`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from spaceserve import SamplingParams
+from spaceserve.engine.sm_allocation import SMAllocation
+from spaceserve.runtime.multiplex import ExecutionLayout
+from spaceserve.runtime.sm_partition import SMPartition
+from tests.engine.test_multiplex import _mixed_prompts
+from tests.llm_factory import make_llm
+from tests.sched.fake_curves import TOTAL_SMS, fake_curves
+
+SPLITS = (32, 64, 96)
+
+
+def _space_on_cpu(engine) -> None:
+    """Swap a streams-mode engine core's layout for space's shape: splits with CPU 'streams' (None)."""
+    core = engine.core
+    partitions = tuple(SMPartition(e, TOTAL_SMS - e, TOTAL_SMS, None, None) for e in SPLITS)
+    layout = ExecutionLayout("space", "space", "test: splits on the CPU", lm_stream=None, partitions=partitions)
+    core.layout = layout
+    core.encoder_stage.layout = layout
+    allocation = SMAllocation(core.config, fake_curves(), layout.encoder_sms_counts)
+    core.attach_allocation(allocation)
+
+
+def _generate(engine, prompts, params):
+    for index, prompt in enumerate(prompts):
+        engine.add_request(prompt, params, f"r{index}")
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    return [list(finished[f"r{i}"].outputs[0].token_ids) for i in range(len(prompts))]
+
+
+def test_the_allocators_decisions_are_acted_on_and_tokens_stay_times():
+    prompts = _mixed_prompts(seed=23, count=12)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kwargs = dict(max_model_len=1024, device="cpu", dtype="float32", slo_tpot_ms=50)
+    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **kwargs).llm_engine, prompts, params)
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **kwargs).llm_engine
+    try:
+        _space_on_cpu(engine)
+        assert _generate(engine, prompts, params) == expected
+        engine.check_idle_integrity()
+        counters = engine.loop_counters()
+        decisions = {k: v for k, v in counters.items() if k.endswith("_decisions")}
+        assert sum(decisions.values()) >= counters["lm_steps"]
+        assert counters["allocator_encoder_whole_decisions"] + counters["allocator_split_decisions"] > 0
+        assert counters["allocator_encoder_batch_count"] == counters["encoder_batches"] > 0
+        assert counters["allocator_lm_step_count"] == 0  # no CUDA events on the CPU: no measured GPU step
+    finally:
+        engine.shutdown()
+
+
+def test_a_zero_prefill_chunk_holds_prefill_and_never_the_decodes():
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", max_model_len=512, device="cpu").llm_engine
+    try:
+        _space_on_cpu(engine)
+        core = engine.core
+        real_decide = core.allocation.decide
+
+        def no_prefill_while_decoding(scheduler, encoder_scheduler):
+            decision = real_decide(scheduler, encoder_scheduler)
+            decoding = any(r.num_output_tokens for r in scheduler.running)
+            return dataclasses.replace(decision, prefill_tokens=0) if decoding else decision
+
+        core.allocation.decide = no_prefill_while_decoding
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        engine.add_request("first words", params, "first")
+        while not core.scheduler.running or not core.scheduler.running[0].num_output_tokens:
+            engine.step()
+        engine.add_request("second request " * 8, params, "second")
+        for _ in range(3):
+            engine.step()
+        second = core.scheduler.requests["second"]
+        assert second.num_computed_tokens == 0  # held: every step so far allowed no prefill beside the decode
+        assert core.scheduler.requests["first"].num_output_tokens >= 3
+        core.allocation.decide = real_decide
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.check_idle_integrity()
+    finally:
+        engine.shutdown()
+
+
+def test_a_layout_split_outside_the_curves_is_not_offered():
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", max_model_len=256, device="cpu").llm_engine
+    try:
+        # the encoder curve starts at 64 SMs: a 32-SM encoder side would be extrapolated, so it is not offered
+        allocation = SMAllocation(engine.core.config, fake_curves(encoder_sms=(64, 96, TOTAL_SMS)), (32, 64, 96))
+        assert [s.encoder_sms for s in allocation.allocator.splits] == [64, 96]
+    finally:
+        engine.shutdown()

@@ -122,6 +122,8 @@ class EngineCoreStats(msgspec.Struct, array_like=True, omit_defaults=True):
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    allocator: list[tuple[str, dict[str, str], float]] = []
+    """space: the SM allocator's counters as (Prometheus name, labels, value) samples."""
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -363,6 +363,7 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_cache_stats.queries,
             prefix_cache_hits=kv.prefix_cache_stats.hits,
+            allocator=[] if self.allocation is None else self.allocation.counters.prometheus_samples(),
         )
 
     def loop_counters(self) -> dict[str, float]:

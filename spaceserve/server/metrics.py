@@ -137,6 +137,20 @@ class _EngineStatsCollector(Collector):
             family = CounterMetricFamily(f"spaceserve:{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
             yield family
+        yield from _allocator_families(self.model_name, stats.allocator)
+
+
+def _allocator_families(model_name: str, samples) -> Iterator[CounterMetricFamily]:
+    """space: the SM allocator's decisions and its predicted against measured times, one family per name."""
+    families: dict[str, CounterMetricFamily] = {}
+    for name, labels, value in samples:
+        keys = sorted(labels)
+        family = families.get(name)
+        if family is None:
+            doc = "The SM allocator's decisions and its predictions against measured times (space)."
+            family = families[name] = CounterMetricFamily(name.removesuffix("_total"), doc, labels=["model_name", *keys])
+        family.add_metric([model_name, *(labels[k] for k in keys)], float(value))
+    yield from families.values()
 
 
 class _RouterCollector(Collector):

@@ -295,6 +295,12 @@ class DPCoreClient(CoreClient):
             total.kv_cache_usage = 1.0 - total.num_free_kv_blocks / total.num_kv_blocks
         if live:
             total.encoder_cache_usage = sum(stats.encoder_cache_usage for stats in live) / len(live)
+        allocator: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for stats in live:  # space: the replicas' allocator counters, summed per name and labels
+            for name, labels, value in stats.allocator:
+                key = (name, tuple(sorted(labels.items())))
+                allocator[key] = allocator.get(key, 0.0) + value
+        total.allocator = [(name, dict(labels), value) for (name, labels), value in allocator.items()]
         return total
 
     def _dead_summary(self) -> str:

@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--summarize", metavar="DIR")
     parser.add_argument("--rates", default="4,10,16,24")
     parser.add_argument("--modes", default="time,space")
+    parser.add_argument("--workloads", default="text-only,image-mix")
     parser.add_argument("--variants", default="", help="comma list of " + ", ".join(VARIANT_FLAGS))
     parser.add_argument("--variant-rates", default="16", help="rates of the A/B variant runs")
     parser.add_argument("--num-prompts", type=int, default=150)
@@ -63,7 +64,12 @@ def main() -> int:
     from scripts.multiplex_bench import measure_ceilings
 
     (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
-    runs: list[tuple[str, str, str, list[str]]] = [("text-only", "time", args.rates, []), ("image-mix", args.modes, args.rates, [])]
+    workloads = args.workloads.split(",")
+    runs: list[tuple[str, str, str, list[str]]] = []
+    if "text-only" in workloads:
+        runs.append(("text-only", "time", args.rates, []))
+    if "image-mix" in workloads:
+        runs.append(("image-mix", args.modes, args.rates, []))
     for variant in filter(None, args.variants.split(",")):
         runs.append(("text-only", "time", args.variant_rates, VARIANT_FLAGS[variant] + ["--label", variant]))
     code = 0

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from spaceserve.core.errors import InvalidInputError
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+"""A seed must fit a signed 64-bit integer (torch's generators, vLLM's validation)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,22 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        if any(not isinstance(s, str) for s in self.stop):
+            raise InvalidInputError("stop must be a string or a list of strings")
+        stop_token_ids = tuple(self.stop_token_ids or ())
+        if any(not _is_int(t) or t < 0 for t in stop_token_ids):
+            raise InvalidInputError(f"stop_token_ids must be non-negative token ids, got {list(stop_token_ids)}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_token_ids))
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise InvalidInputError(f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}], got {self.seed!r}")
+        for name in ("top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise InvalidInputError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.max_tokens is not None and not _is_int(self.max_tokens):
+            raise InvalidInputError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise InvalidInputError(f"{name} must be a number, got {getattr(self, name)!r}")
         if self.n != 1:
             raise InvalidInputError(f"n must be 1, got {self.n}")
         if not self.temperature >= 0.0:

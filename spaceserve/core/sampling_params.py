@@ -7,6 +7,8 @@ from spaceserve.core.errors import InvalidInputError
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 """A seed must fit a signed 64-bit integer (torch's generators, vLLM's validation)."""
+MAX_LOGPROBS = 20
+"""Most top log-probabilities per token (OpenAI's top_logprobs limit, vLLM's default max_logprobs)."""
 
 
 def _is_int(value: object) -> bool:
@@ -29,6 +31,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and the `logprobs` most likely tokens' at each step (vLLM's
+    meaning: 0 gives the sampled token's alone); None: none."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,8 +55,12 @@ class SamplingParams:
         for name in ("temperature", "top_p"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 raise InvalidInputError(f"{name} must be a number, got {getattr(self, name)!r}")
-        if self.n != 1:
-            raise InvalidInputError(f"n must be 1, got {self.n}")
+        if not _is_int(self.n) or self.n < 1:
+            raise InvalidInputError(f"n must be a positive integer, got {self.n!r}")
+        if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
+            raise InvalidInputError(f"seed + n - 1 must stay within int64 (each of the n samples takes seed + i)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidInputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not self.temperature >= 0.0:
             raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -40,7 +40,7 @@ from spaceserve.engine.core_client import CoreClient, EngineDeadError, make_core
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.engine.stats import EngineStats, StatLogger
-from spaceserve.tokenizer import load_tokenizer
+from spaceserve.tokenizer import load_tokenizer_for
 
 __all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
@@ -104,7 +104,7 @@ class AsyncLLM:
     ) -> None:
         self.config = config
         self.stat_loggers = list(stat_loggers or [])
-        self.tokenizer = load_tokenizer(config.model_dir, config.model_config)
+        self.tokenizer = load_tokenizer_for(config)
         # Stateless (config + tokenizer); called from the input workers
         self.input_processor = InputProcessor(config, self.tokenizer)
         self._client: CoreClient = make_core_client(config, multiprocess)  # raises the core's start-up error

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from spaceserve.engine.async_llm import AsyncLLM, EngineDeadError
 from spaceserve.server.args import ServerArgs
 from spaceserve.server.auth import ApiKeyMiddleware
-from spaceserve.server.http_limits import BodyTimeoutMiddleware
+from spaceserve.server.http_limits import BodyLimitsMiddleware
 from spaceserve.server.metrics import ServerMetrics
 from spaceserve.server.protocol import (
     ChatCompletionRequest,
@@ -65,9 +65,8 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
     app = FastAPI(
         title="spaceserve",
         description="OpenAI-compatible server for multimodal LLMs",
-        max_body_size=args.max_request_body_bytes,
     )
-    app.add_middleware(BodyTimeoutMiddleware, timeout_s=args.body_timeout_s)
+    app.add_middleware(BodyLimitsMiddleware, timeout_s=args.body_timeout_s, max_body_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key)  # outermost: checked before the body is read
 

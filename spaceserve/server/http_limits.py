@@ -1,6 +1,6 @@
 """What a slow or hostile sender may hold: a deadline for the request headers (uvicorn's HTTP protocol waits for
 them forever) and one for the whole body, so a client trickling bytes is cut off instead of holding a connection
-and a request task. The body size cap is FastAPI's own (`FastAPI(max_body_size=...)`).
+and a request task; and a cap on the body's size.
 
 `uvicorn_config` is the one place the server's uvicorn settings are made: `spaceserve serve` and the tests' real
 loopback server both use it."""
@@ -8,6 +8,7 @@ loopback server both use it."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import h11
 import uvicorn
@@ -69,25 +70,35 @@ def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
     return HeaderTimeoutH11Protocol
 
 
-class BodyTimeoutMiddleware:
-    """The whole request body must arrive within `timeout_s` of the app's first read; otherwise the read raises
-    HTTPException(408) (answered in OpenAI's error format). Reads after the body (waiting for a disconnect) are
-    not limited."""
+class BodyLimitsMiddleware:
+    """A declared Content-Length over `max_body_bytes` is answered with a 413 at once, in OpenAI's error format; a
+    chunked body that grows past it makes the read raise HTTPException(413). The whole body must arrive within
+    `timeout_s` of the app's first read; otherwise the read raises HTTPException(408), answered in OpenAI's error
+    format. Reads after the body (waiting for a disconnect) are not limited."""
 
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, timeout_s: float, max_body_bytes: int) -> None:
         self.app = app
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _send_json(send, 413, {"error": {
+                "message": f"the request body is larger than the server's limit of {self.max_body_bytes} bytes",
+                "type": "RequestTooLargeError", "param": None, "code": None,
+            }})
+            return
         deadline: float | None = None
         body_done = False
+        received = 0
         loop = asyncio.get_running_loop()
 
         async def receive_with_deadline() -> Message:
-            nonlocal deadline, body_done
+            nonlocal deadline, body_done, received
             if body_done:
                 return await receive()
             if deadline is None:
@@ -96,11 +107,23 @@ class BodyTimeoutMiddleware:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(413, "the request body is too large")
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
 
         await self.app(scope, receive_with_deadline, send)
+
+
+async def _send_json(send: Send, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def uvicorn_config(app: ASGIApp, args: ServerArgs, *, host: str | None = None, port: int | None = None,

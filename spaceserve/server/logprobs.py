@@ -55,6 +55,9 @@ def completion_logprobs(
         out.tokens.append(text)
         out.token_logprobs.append(_finite(sampled.logprob))
         out.text_offset.append(offset)
-        out.top_logprobs.append({_text(lp, t): _finite(lp.logprob) for t, lp in top} if num_top else None)
+        top_by_text: dict[str, float] = {}
+        for t, lp in top:  # keyed by text: tokens that decode alike (byte pieces) keep the most likely one
+            top_by_text.setdefault(_text(lp, t), _finite(lp.logprob))
+        out.top_logprobs.append(top_by_text if num_top else None)
         offset += len(text)
     return out

@@ -18,6 +18,7 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.async_llm import AsyncLLM, RequestStream
+from spaceserve.engine.core_loop import ADD_FAILURE_MESSAGE
 from spaceserve.engine.input_processor import PromptType
 from spaceserve.engine.llm_engine import DECODE_FAILURE_PREFIX
 from spaceserve.engine.parallel_sampling import child_params
@@ -129,6 +130,8 @@ def request_failed(output: RequestOutput) -> OpenAIServingError:
     """The error of a request the engine accepted and then failed (its video could not be decoded): a 400 naming
     the problem with the input, or a 500 (detail in the server log) when a decoder or device failed."""
     message = output.error or "the request failed"
+    if message == ADD_FAILURE_MESSAGE:
+        return OpenAIServingError(message, status_code=500, type="InternalServerError")
     if message.startswith(DECODE_FAILURE_PREFIX):
         logger.error("request %s failed: %s", output.request_id, message)
         return OpenAIServingError(

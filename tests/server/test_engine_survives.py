@@ -75,27 +75,29 @@ def test_clients_that_hang_up_while_their_request_is_queued_never_kill_the_engin
 
 
 def test_requests_already_taken_by_a_dying_engine_are_answered():
-    """The engine thread takes every queued command at once, then runs them one by one. If one of them fails the
-    whole loop (here an abort, by a patched engine), the adds taken with it must still be answered (a 503), not
-    left hanging."""
+    """The engine core's loop takes every queued message at once, then handles them one by one. If one of them fails
+    the whole loop (here an abort, by a patched core), the front must hear of it and answer every request taken
+    with it (a 503), not leave them hanging."""
     engine = AsyncLLM.from_engine_args(
         EngineArgs(model="tiny-qwen2-vl", max_model_len=256, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES)
     )
     server = ThreadedServer(create_app(engine, ServerArgs(served_model_name=SERVED_NAME)))
     release = threading.Event()
+    stepping = threading.Event()
     try:
         def patch(e):
             step = e.step
 
             def held_step():
+                stepping.set()
                 release.wait(20)  # while the loop is here, commands pile up in its queue
                 return step()
 
-            def broken_abort(request_ids):
+            def broken_abort(request_ids, reason=None):
                 raise RuntimeError("simulated engine fault")
 
             e.step = held_step
-            e.abort_request = broken_abort
+            e.abort_requests = broken_abort
 
         engine.call_in_engine(patch)
 
@@ -103,7 +105,7 @@ def test_requests_already_taken_by_a_dying_engine_are_answered():
             async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
                 body = {"model": SERVED_NAME, "prompt": "x", "max_tokens": 3}
                 first = asyncio.create_task(client.post("/v1/completions", json=body))
-                while engine.stats.num_running + engine.stats.num_waiting == 0:
+                while not stepping.is_set():  # the loop took the first request and is in its step
                     await asyncio.sleep(0.005)
                 with pytest.raises(httpx.TimeoutException):  # its add is queued, then its abort
                     await client.post("/v1/completions", json=body, timeout=0.5)
@@ -120,3 +122,33 @@ def test_requests_already_taken_by_a_dying_engine_are_answered():
         release.set()
         server.stop()
         engine.shutdown()
+
+
+def test_an_unexpected_failure_adding_one_request_ends_only_that_request(live_server):
+    """Not an input error (those are 400s): a bug or fault while the core adds one request. That request gets a
+    500; the loop, and every other request, goes on."""
+    failed = threading.Event()
+
+    def patch(core):
+        add = core.add_request
+
+        def add_once_broken(request):
+            if not failed.is_set():
+                failed.set()
+                raise RuntimeError("simulated fault adding a request")
+            return add(request)
+
+        core.add_request = add_once_broken
+        return add
+
+    original = live_server.engine.call_in_engine(patch)
+    try:
+        body = {"model": SERVED_NAME, "prompt": "fault", "max_tokens": 3}
+        response = httpx.post(f"{live_server.base_url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 500, response.text
+        assert "simulated" not in response.text and response.json()["error"]["type"] == "InternalServerError"
+        assert_still_serving(live_server)
+        assert live_server.engine.is_running
+    finally:
+        live_server.engine.call_in_engine(lambda core: setattr(core, "add_request", original))
+    live_server.assert_idle_and_clean()

@@ -60,12 +60,6 @@ class InputProcessor:
                 f"prompt is {len(token_ids)} tokens (with images and videos expanded), leaving no room to generate "
                 f"within max_model_len={max_model_len}"
             )
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_model_len:
-            raise InvalidInputError(
-                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                f"{len(token_ids) + params.max_tokens} tokens ({len(token_ids)} in the prompt, {params.max_tokens} "
-                "in the completion); reduce the prompt or max_tokens"
-            )
         image_grids = [f.grid_thw for f in features if f.modality == "image"]
         video_grids = [video.plan.grid_thw for video in videos_in]
         positions, delta = mrope_positions_for_config(
@@ -235,6 +229,19 @@ class InputProcessor:
             else:
                 expanded.append(token)
         return expanded, features, video_starts
+
+
+def check_max_tokens_fit(request: Request, max_model_len: int) -> None:
+    """The server's rule (vLLM's): a prompt plus max_tokens past the context is refused, not cut short. Offline
+    callers keep the engine's behaviour: generation stops at max_model_len."""
+    max_tokens = request.sampling_params.max_tokens
+    num_prompt = request.num_prompt_tokens
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise InvalidInputError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion); reduce "
+            "the prompt or max_tokens"
+        )
 
 
 def _is_video_list(value: list[Any]) -> bool:

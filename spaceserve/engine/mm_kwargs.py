@@ -64,13 +64,13 @@ def check_mm_processor_kwargs(
             continue
         if has_images and value > limits.image_max_pixels:
             raise InvalidInputError(
-                f"mm_processor_kwargs {key}={value} exceeds this server's limit of {limits.image_max_pixels} pixels "
-                "per image"
+                f"mm_processor_kwargs {key}={value} exceeds the limit of {limits.image_max_pixels} pixels per image "
+                "(the engine's --mm-processor-kwargs, else the model's maximum)"
             )
         if has_videos and value > limits.video_max_pixels:
             raise InvalidInputError(
-                f"mm_processor_kwargs {key}={value} exceeds this server's limit of {limits.video_max_pixels} pixels "
-                "per video frame"
+                f"mm_processor_kwargs {key}={value} exceeds the limit of {limits.video_max_pixels} pixels per video "
+                "frame (the engine's --mm-processor-kwargs, else the video processor's default)"
             )
     if kwargs.get("min_pixels") is not None and kwargs.get("max_pixels") is not None:
         if kwargs["min_pixels"] > kwargs["max_pixels"]:
@@ -80,6 +80,7 @@ def check_mm_processor_kwargs(
             value = kwargs.get(key)
             if value is not None and value > limits.max_frames:
                 raise InvalidInputError(
-                    f"mm_processor_kwargs {key}={value} exceeds this server's limit of {limits.max_frames} frames"
+                    f"mm_processor_kwargs {key}={value} is more frames than the allowed max_frames={limits.max_frames} "
+                    "(the engine's limit)"
                 )
     return dict(kwargs)

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -19,7 +20,7 @@ from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.async_llm import AsyncLLM, RequestStream
 from spaceserve.engine.core_loop import ADD_FAILURE_MESSAGE
-from spaceserve.engine.input_processor import PromptType
+from spaceserve.engine.input_processor import PromptType, check_max_tokens_fit
 from spaceserve.engine.llm_engine import DECODE_FAILURE_PREFIX
 from spaceserve.engine.parallel_sampling import child_params
 from spaceserve.server.protocol import ErrorInfo, ErrorResponse, OpenAIServingError, UsageInfo
@@ -63,9 +64,12 @@ class OpenAIServing:
 
     async def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str) -> RequestStream:
         try:
-            return await self.engine.add_request(prompt, params, request_id)
+            return await self.engine.add_request(prompt, params, request_id, check=self._check_context)
         except InvalidInputError as exc:
             raise OpenAIServingError(str(exc), param=_param_of(str(exc))) from None
+
+    def _check_context(self, request: Any) -> None:
+        check_max_tokens_fit(request, self.max_model_len)
 
     async def add_choices(
         self, prompts: Sequence[PromptType], params: SamplingParams, request_id: str, endpoint: str

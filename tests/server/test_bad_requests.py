@@ -69,11 +69,11 @@ CHAT_CASES = {
     ),
     "max_pixels absurd": (
         chat([image_part(PNG)], mm_processor_kwargs={"max_pixels": 10**12}), 400, "BadRequestError",
-        "exceeds this server's limit",
+        "exceeds the limit of",
     ),
     "min_pixels absurd": (
         chat([image_part(PNG)], mm_processor_kwargs={"min_pixels": 10**12}), 400, "BadRequestError",
-        "exceeds this server's limit",
+        "exceeds the limit of",
     ),
     "fps not finite": (chat("hi", mm_processor_kwargs={"fps": "nan"}), 400, "BadRequestError", "fps must be"),
     "unknown mm_processor_kwargs": (chat("hi", mm_processor_kwargs={"resize": 1}), 400, "BadRequestError", "resize"),

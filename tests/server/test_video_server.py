@@ -195,7 +195,7 @@ def _unknown_frame_rate() -> bytes:
         (_unknown_codec, {}, "video 0: .*codec.*unknown"),
         (_unknown_frame_rate, {}, "video 0: .*frame rate is zero or unknown"),
         (lambda: clip_bytes(seconds=4), {}, "video 0: video is 4.0 s long, longer than the allowed 3 s"),
-        (clip_bytes, {"num_frames": 1000}, "num_frames=1000 exceeds this server.s limit of 768 frames"),
+        (clip_bytes, {"num_frames": 1000}, "num_frames=1000 is more frames than the allowed max_frames"),
     ],
     ids=["not a video", "truncated", "unknown codec", "unknown fps", "too long", "too many frames"],
 )

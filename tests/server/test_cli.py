@@ -67,7 +67,7 @@ def test_serve_shows_the_engine_logs_and_accepts_vllm_flags(tmp_path):
         [sys.executable, "-m", "spaceserve.cli", "serve", "tiny-qwen2-vl", "--port", str(port), "--max-model-len",
          "256", "--kv-cache-memory-bytes", str(TEST_KV_CACHE_BYTES), "--served-model-name", "a", "b",
          "--enable-prefix-caching", "--disable-log-requests", "--trust-remote-code", "--limit-mm-per-prompt",
-         '{"image": 2}', "--no-multiprocess"],
+         '{"image": 2}'],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )
     try:

@@ -10,14 +10,7 @@ from typing import Any
 
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.engine.chat_video import VIDEO_PART_KINDS, video_source_from_part
-from spaceserve.engine.media import (  # noqa: F401 - re-exported: the media policy is part of the chat API
-    DEFAULT_MAX_MEDIA_BYTES,
-    DEFAULT_MAX_REQUEST_MEDIA_BYTES,
-    DEFAULT_MAX_VIDEO_BYTES,
-    DEFAULT_MEDIA_TIMEOUT_S,
-    MediaBudget,
-    MediaConnector,
-)
+from spaceserve.engine.media import MediaConnector
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 """The roles OpenAI's chat API defines ("function" is its deprecated name for "tool")."""

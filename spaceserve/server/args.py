@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from spaceserve.engine.arg_utils import cli_field, parse_csv
-from spaceserve.engine.chat import (
+from spaceserve.engine.media import (
     DEFAULT_MAX_MEDIA_BYTES,
     DEFAULT_MAX_REQUEST_MEDIA_BYTES,
     DEFAULT_MAX_VIDEO_BYTES,

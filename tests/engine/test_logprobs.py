@@ -14,7 +14,7 @@ from tests.llm_factory import make_llm
 
 @pytest.fixture(scope="module")
 def llm():
-    return make_llm("tiny-qwen2-vl", max_model_len=256, dtype="float32", device="cpu")
+    return make_llm("tiny-qwen2-vl", max_model_len=256, dtype="float32")  # CUDA graphs on a GPU, eager on CPU
 
 
 def test_decode_logprobs_equal_a_teacher_forced_prefill(llm):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from spaceserve.bench.cli import add_bench_parser, run_bench
 from spaceserve.core.errors import SpaceServeError
-from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.arg_utils import EngineArgs, flags_in_message
 from spaceserve.profile.cli import add_profile_parser, run_profile
-from spaceserve.server.cli import add_serve_args, run_server
+from spaceserve.server.args import ServerArgs
+from spaceserve.server.cli import add_serve_args, configure_logging, run_server
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -38,16 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_serve_args(serve)
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        return run_bench(args)
-    if args.command == "serve":
-        return run_server(args)
-    if args.command == "profile":
-        return run_profile(args)
     try:
+        if args.command == "bench":
+            return run_bench(args)
+        if args.command == "serve":
+            return run_server(args)
+        if args.command == "profile":
+            return run_profile(args)
+        configure_logging(logging.WARNING)
         return _generate(args)
-    except SpaceServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except SpaceServeError as exc:  # a setting or input the user can fix: the message, in flags, not a traceback
+        print(f"error: {flags_in_message(str(exc), EngineArgs, ServerArgs)}", file=sys.stderr)
         return 2
 
 

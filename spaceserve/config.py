@@ -164,6 +164,10 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0
+    tokenizer: str | None = None
+    """A tokenizer directory used instead of the model directory's."""
+    skip_tokenizer_init: bool = False
+    """No tokenizer: prompts are token ids, outputs carry no text (a checkpoint without tokenizer files)."""
     multiplex: MultiplexMode = "time"
     """time: the encoder runs inside the engine step on the whole device (vLLM v1); streams: concurrently, on a
     CUDA stream of its own with no SM fence (on CPU: a worker thread); space: concurrently, on a disjoint SM

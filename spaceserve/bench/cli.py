@@ -33,7 +33,7 @@ from spaceserve.bench.workloads import (
     workload_names,
 )
 from spaceserve.core.errors import ConfigError, SpaceServeError
-from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.arg_utils import EngineArgs, flags_in_message
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def run_bench(args: argparse.Namespace) -> int:
         workloads = WorkloadSet(config, text_maker)
         workloads.rate_point(0)  # builds the first requests now, so bad workload options fail before any engine
     except (ValueError, SpaceServeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {flags_in_message(str(exc), EngineArgs)}", file=sys.stderr)
         return 2
     commit, dirty = git_state()
     run_fields = {

@@ -1,7 +1,9 @@
 """What one request measured (RequestRecord) and the run's metrics computed from all of them.
 
 Definitions (every time is client-side, from the request's scheduled arrival):
-- TTFT: arrival -> the first output carrying a token.
+- TTFT: arrival -> the first output carrying a token. Under --max-concurrency (or a client that lags) a request
+  may be sent after its arrival; `ttft_send` measures from the send instead (what guidellm calls TTFT), so the two
+  differ by the client-side queueing.
 - TPOT: (e2e - TTFT) / (output tokens - 1) per request; undefined for one-token outputs, which are left out.
 - ITL: gaps between consecutive token-bearing outputs, over all requests.
 - e2e latency: arrival -> the response is complete.
@@ -28,7 +30,7 @@ import numpy as np
 
 TTFT_PARTS = ("ttft_video_decode", "ttft_encode", "ttft_prefill")
 TTFT_OVERLAP = "ttft_overlap"
-LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "encoder_queue", *TTFT_PARTS, TTFT_OVERLAP)
+LATENCY_METRICS = ("ttft", "ttft_send", "tpot", "itl", "e2el", "encoder_queue", *TTFT_PARTS, TTFT_OVERLAP)
 STATISTICS = ("mean", "p50", "p90", "p99")
 
 
@@ -53,6 +55,10 @@ class RequestRecord:
     @property
     def ttft(self) -> float:
         return self.token_times[0] - self.arrival_time
+
+    @property
+    def ttft_from_send(self) -> float:
+        return self.token_times[0] - self.send_time
 
     @property
     def e2e_latency(self) -> float:
@@ -171,6 +177,7 @@ def compute_metrics(records: Sequence[RequestRecord], start_time: float, slo: SL
     }
     samples = {
         "ttft": [r.ttft for r in completed],
+        "ttft_send": [r.ttft_from_send for r in completed],
         "tpot": [t for t in (r.tpot for r in completed) if t is not None],
         "itl": [gap for r in completed for gap in r.itls],
         "e2el": [r.e2e_latency for r in completed],

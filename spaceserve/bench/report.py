@@ -162,6 +162,7 @@ _TABLE_COLUMNS = (
     ("tok/s", lambda r: _fmt(r["output_throughput"], ".1f")),
     ("TTFT p50", lambda r: _fmt(r["p50_ttft_ms"], ".1f")),
     ("TTFT p99", lambda r: _fmt(r["p99_ttft_ms"], ".1f")),
+    ("TTFT sent p50", lambda r: _fmt(r.get("p50_ttft_send_ms"), ".1f")),
     ("TPOT mean", lambda r: _fmt(r["mean_tpot_ms"], ".2f")),
     ("TPOT p99", lambda r: _fmt(r["p99_tpot_ms"], ".2f")),
     ("ITL p99", lambda r: _fmt(r["p99_itl_ms"], ".2f")),

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from spaceserve.core.sampling_params import SamplingParams
+from spaceserve.core.scheduler_output import TokenLogprobs
 
 
 class FinishReason(str, enum.Enum):
@@ -107,6 +108,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     """time.monotonic() stamps of the request's life in the core (first scheduled, encoder, first token,
     finished); sent with the output that finishes it. CLOCK_MONOTONIC is system-wide, so the front compares them
     with its own."""
+    new_logprobs: list[TokenLogprobs] | None = None
+    """One per new token, for a request that asked for log-probabilities."""
 
 
 class EngineCoreStats(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -65,6 +65,8 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[Any] | None = [] if sampling_params.logprobs is not None else None
+        """One TokenLogprobs per output token when the request asked for log-probabilities."""
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
         # tokens sampled by launched steps whose ids have not reached the host yet (overlapped scheduling); the
@@ -115,9 +117,11 @@ class Request:
             raise ValueError(f"feature {index} changed shape: {old.grid_thw} at {old.placeholder} -> {feature}")
         self.mm_features[index] = feature
 
-    def append_output_token(self, token_id: int) -> None:
+    def append_output_token(self, token_id: int, logprobs: Any = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.output_logprobs is not None and logprobs is not None:
+            self.output_logprobs.append(logprobs)
 
     def mm_features_overlapping(self, start: int, end: int) -> list[tuple[int, MultiModalFeature]]:
         """(index, feature) for each image whose placeholder intersects token range [start, end)."""

@@ -56,5 +56,17 @@ class EncoderBatch:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probabilities: `token_ids[0]` is the sampled token, the rest the most likely ones
+    (as many as the request asked for), `logprobs` theirs, `sampled_rank` the sampled token's rank (1 = top)."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    sampled_rank: int
+
+
+@dataclass(frozen=True)
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] | None = None
+    """For the requests of the step that asked for log-probabilities (SamplingParams.logprobs); None if none did."""

@@ -1,15 +1,19 @@
 """EngineArgs: every user-facing engine setting in one frozen dataclass, shared by LLM, AsyncLLM and the CLI.
 
 `create_engine_config` resolves the model (directory, Hub cache or preset) and turns the flat arguments into the
-nested frozen configs the engine reads; `add_cli_args` / `from_cli_args` give `spaceserve generate|serve|bench` the
-same flags with the same defaults.
+nested frozen configs the engine reads. The CLI flags are generated from the fields (`cli_field` metadata: help,
+type, choices), as vLLM's EngineArgs does, so a default is written once: `add_cli_args` / `from_cli_args` give
+`spaceserve generate|serve|bench` the same flags with the same defaults, each with its help line and default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field, fields
+import logging
+import re
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,67 +33,231 @@ from spaceserve.config import (
 from spaceserve.core.errors import ConfigError
 from spaceserve.models.resolve import TINY_PRESETS, resolve_model
 
+logger = logging.getLogger(__name__)
+
+
+def cli_field(default: Any, help: str, *, hash: bool | None = None, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a CLI flag `--field-name`: `help` is its help line (the default is added),
+    `argparse_kwargs` (type, choices, nargs, metavar) go to add_argument. Booleans become store_true flags, or
+    --flag/--no-flag when they default to True."""
+    return field(default=default, hash=hash, metadata={"help": help, "argparse": argparse_kwargs})
+
+
+def parse_csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """One flag per field of `cls` that has cli_field metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if "help" not in f.metadata:
+            continue
+        kwargs = dict(f.metadata["argparse"])
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata["help"]
+        if default is not None and default != () and "(default:" not in help_text:
+            help_text += f" (default: {_show(default)})"
+        flags = ["--" + f.name.replace("_", "-"), *kwargs.pop("aliases", ())]
+        if isinstance(default, bool) and "type" not in kwargs:
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(*flags, dest=f.name, action=action, default=default, help=help_text)
+            continue
+        if "type" not in kwargs and "action" not in kwargs:
+            kwargs["type"] = _scalar_type(hints[f.name])
+        if kwargs.get("nargs", "") is None:
+            del kwargs["nargs"]
+        parser.add_argument(*flags, dest=f.name, default=default, help=help_text, **kwargs)
+
+
+def _scalar_type(hint: Any) -> Any:
+    """int / float / str from `int | None` and friends; tuples take a per-item type from their nargs flag."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for candidate in (int, float, str):
+        if candidate in args:
+            return candidate
+    origin = typing.get_origin(args[0])
+    if origin is tuple:
+        item_args = typing.get_args(args[0])
+        return item_args[0] if item_args else str
+    return str
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"{value} = {value >> 20} MiB"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def flags_in_message(message: str, *classes: type) -> str:
+    """An error message for the CLI: `load_format='dummy'` becomes `--load-format dummy` and a bare field name
+    its flag, for every cli_field of `classes` (the engine's errors name the Python keywords LLM(...) takes)."""
+    names = sorted((f.name for cls in classes for f in fields(cls) if "help" in f.metadata), key=len, reverse=True)
+    if not names:
+        return message
+    alternatives = "|".join(map(re.escape, names))
+
+    def with_value(match: re.Match) -> str:
+        flag = "--" + match.group(1).replace("_", "-")
+        value = match.group(3)
+        return f"{flag} {value}" if value not in ("True", "'True'") else flag
+
+    message = re.sub(rf"\b({alternatives})=(['\"]?)([^\s,;)'\"]+)\2", with_value, message)
+    return re.sub(rf"(?<![-\w])({alternatives})\b(?!=)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _parse_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: image=4,video=1 or vLLM's JSON form {"image": 4, "video": 1}."""
+    if text.strip().startswith("{"):
+        try:
+            limits = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--limit-mm-per-prompt is not valid JSON: {exc}") from None
+        if not isinstance(limits, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits.values()
+        ):
+            raise argparse.ArgumentTypeError('expected a JSON object of counts like {"image": 4, "video": 1}')
+        return {str(k): v for k, v in limits.items()}
+    limits = {}
+    for item in text.split(","):
+        modality, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected modality=count pairs like image=4,video=1, got {text!r}")
+        limits[modality.strip()] = int(count)
+    return limits
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(size) for size in text.split(",") if size.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8, got {text!r}") from None
+
 
 @dataclass(frozen=True)
 class EngineArgs:
     model: str
-    load_format: str = "auto"
-    dtype: str = "auto"
-    device: str | None = None
-    seed: int = 0
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
-    async_scheduling: bool = True
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None
-    limit_mm_per_prompt: dict[str, int] | None = field(default=None, hash=False)
-    encoder_policy: str = "fcfs"
-    encoder_window_s: float = 0.05
-    encoder_budget_tokens: int | None = None
-    encoder_cache_tokens: int | None = None
-    multiplex: str = "time"
-    encoder_sms: str | int | tuple[int, ...] | None = None
-    """space: SMs for the encoder, one count or several ("48,96": a split per count, chosen by LM load)."""
-    sm_curves: str | None = None
-    """space: resource-utility curves from `spaceserve profile` (default: a small grid profiled at start-up)."""
-    slo_tpot_ms: float = 50.0
-    slo_ttft_ms: float = 2000.0
-    attention_backend: str = "auto"
-    enforce_eager: bool = False
-    cuda_graph_sizes: tuple[int, ...] | None = None
-    disable_vision_cuda_graphs: bool = False
-    vision_cuda_graph_patches: tuple[int, ...] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = field(default=None, hash=False)
-    """Server-wide video sampling/processing settings (fps, num_frames, min_frames, max_frames, min_pixels,
-    max_pixels, max_video_tokens); a request's own mm_processor_kwargs override them."""
-    max_video_duration_s: float = 3600.0
-    video_decode_workers: int = 4
-    video_decode_backend: str = "auto"
-    video_cache_bytes: int = 1 << 30
-    video_decoder_sessions: int = 8
-    """NVDEC sessions per decoding GPU for GOP-parallel decoding (FlashCodec); 0 decodes each video in one session."""
-    video_decoder_cpu_sessions: int | None = None
-    """PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)."""
-    video_decode_gpus: str | tuple[int, ...] | None = None
-    """GPUs whose decoders take part: "all" or device indices (default: the engine's GPU)."""
-    gpu_preprocess_min_pixels: int | None = None
-    """Images of at least this many pixels are preprocessed by the engine core on its device (resize, normalise,
-    patchify), not in the front. Default: every image when the engine runs on CUDA, none on CPU; set to apply on any
-    device (0: every image)."""
-    multiprocess: bool | None = None
-    """Run the engine core in a process of its own (the default); False: in this process (tests, debugging).
-    None reads SPACESERVE_ENABLE_MULTIPROCESSING (default 1)."""
-    video_chunk_tokens: int = 1024
-    """Largest chunk of a video encoded and prefilled while the rest decodes; 0: one chunk per video."""
-    data_parallel_size: int = 1
-    """Engine-core replicas behind the one front (AsyncLLM), each in a process of its own."""
-    data_parallel_backend: str = "mp"
-    ray_address: str | None = None
-    router_policy: str = "cache_aware"
+    load_format: str = cli_field("auto", "auto: the model's weights; dummy: random weights", choices=["auto", "dummy"])
+    dtype: str = cli_field("auto", "weights and activations dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    device: str | None = cli_field(None, "cuda or cpu (default: cuda when this build and machine have it)")
+    seed: int = cli_field(0, "seeds dummy weights and unseeded sampling")
+    tokenizer: str | None = cli_field(None, "a tokenizer directory (tokenizer.json) to use instead of the model's")
+    skip_tokenizer_init: bool = cli_field(
+        False, "load no tokenizer: prompts must be token ids, outputs carry token ids and no text"
+    )
+    trust_remote_code: bool = cli_field(
+        False, "accepted for vLLM compatibility; spaceserve runs no code from checkpoints, so it changes nothing"
+    )
+    max_model_len: int | None = cli_field(None, "context length (default: the model's max_position_embeddings)")
+    max_num_batched_tokens: int = cli_field(8192, "tokens per engine step (chunked prefill)")
+    max_num_seqs: int = cli_field(256, "sequences per engine step")
+    async_scheduling: bool = cli_field(
+        True, "schedule step N+1 while step N runs on the device (outputs are identical either way)"
+    )
+    block_size: int = cli_field(16, "tokens per KV-cache block")
+    enable_prefix_caching: bool = cli_field(True, "reuse KV blocks of shared prompt prefixes (image-aware)")
+    num_gpu_blocks_override: int | None = cli_field(None, "fix the number of KV blocks instead of sizing from memory")
+    gpu_memory_utilization: float = cli_field(0.9, "share of the GPU's memory the engine may use")
+    kv_cache_memory_bytes: int | None = cli_field(
+        None, "KV cache size in bytes; overrides --gpu-memory-utilization (CPU default: 1 GiB, capped by need)"
+    )
+    limit_mm_per_prompt: dict[str, int] | None = cli_field(
+        None, 'most items of each modality per prompt: image=4,video=1 or {"image": 4, "video": 1} (default: '
+        "image=16, video=999)", hash=False, type=_parse_limits,
+    )
+    encoder_policy: str = cli_field("fcfs", "encoder queue order", choices=["fcfs", "twsrft"])
+    encoder_window_s: float = cli_field(0.05, "twsrft: the window within which shorter encodes go first")
+    encoder_budget_tokens: int | None = cli_field(
+        None, "encoder output tokens per batch (default: the larger of --max-num-batched-tokens and the largest image)"
+    )
+    encoder_cache_tokens: int | None = cli_field(
+        None, "encoder cache capacity in embedding rows (default: as --encoder-budget-tokens)"
+    )
+    multiplex: str = cli_field(
+        "time", "time: encoder inside the engine step (vLLM v1); streams: concurrent on its own CUDA stream; "
+        "space: concurrent on a disjoint SM partition (green contexts); auto: space where possible, else time",
+        choices=list(MULTIPLEX_MODES),
+    )
+    encoder_sms: str | int | tuple[int, ...] | None = cli_field(
+        None, "space: the splits the SM allocator chooses from, as SMs for the encoder, e.g. 32,64,96 (a split per "
+        "count, rounded to the device's granularity; default: ~25%%, ~50%% and ~75%% of the SMs)", type=str,
+    )
+    sm_curves: str | None = cli_field(
+        None, "space: resource-utility curves written by `spaceserve profile` (default: profile a small grid at "
+        "start-up)"
+    )
+    slo_tpot_ms: float = cli_field(50.0, "TPOT the SM allocator keeps decodes within")
+    slo_ttft_ms: float = cli_field(2000.0, "TTFT the SM allocator aims for")
+    attention_backend: str = cli_field(
+        "auto", "auto: triton on CUDA, the torch reference elsewhere", choices=["auto", "torch", "triton"]
+    )
+    enforce_eager: bool = cli_field(False, "no CUDA graphs: neither decode steps nor the vision encoder")
+    cuda_graph_sizes: tuple[int, ...] | None = cli_field(
+        None, "decode batch sizes to capture, e.g. 1,2,4,8,16 (default: a ladder up to --max-num-seqs)", type=_int_tuple
+    )
+    disable_vision_cuda_graphs: bool = cli_field(False, "run the vision encoder eagerly (decode graphs stay on)")
+    vision_cuda_graph_patches: tuple[int, ...] | None = cli_field(
+        None, "patch-count buckets captured as vision CUDA graphs, e.g. 1024,4096,16384 (default: a ladder up to the "
+        "encoder budget x merge**2)", type=_int_tuple,
+    )
+    mm_processor_kwargs: dict[str, Any] | None = cli_field(
+        None, 'server-wide image/video processing settings as JSON, e.g. \'{"fps": 1, "max_frames": 64}\' (fps, '
+        "num_frames, min_frames, max_frames, min_pixels, max_pixels, max_video_tokens); they are also the limits of "
+        "a request's own", hash=False, type=_json_dict,
+    )
+    max_video_duration_s: float = cli_field(3600.0, "longer videos are refused when the request arrives")
+    video_decode_workers: int = cli_field(4, "threads of the video decode stage")
+    video_decode_backend: str = cli_field("auto", "auto, nvdec or pyav")
+    video_cache_bytes: int = cli_field(1 << 30, "capacity of the processed-video cache")
+    video_decoder_sessions: int = cli_field(
+        8, "NVDEC sessions per GPU (opened at start); a video takes the free ones its length needs, split along GOP "
+        "boundaries; 0: one session per video"
+    )
+    video_decoder_cpu_sessions: int | None = cli_field(
+        None, "PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)"
+    )
+    video_decode_gpus: str | tuple[int, ...] | None = cli_field(
+        None, "GPUs whose NVDEC decoders take part: 'all' or indices like 0,1 (default: the engine's GPU)", type=str
+    )
+    gpu_preprocess_min_pixels: int | None = cli_field(
+        None, "images of at least this many pixels are resized and normalised by the engine core on its device "
+        "(default: all images when it runs on CUDA, none on CPU; 0: every image on any device)"
+    )
+    multiprocess: bool | None = cli_field(
+        None, "run the engine core in a process of its own (default; --no-multiprocess: in this process, for "
+        "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)", action=argparse.BooleanOptionalAction,
+    )
+    video_chunk_tokens: int = cli_field(
+        1024, "videos are encoded and prefilled chunk by chunk as they decode: the first chunk one temporal patch, "
+        "each next twice the one before, up to this many tokens; 0: one chunk per video"
+    )
+    data_parallel_size: int = cli_field(
+        1, "engine-core replicas behind one endpoint (one GPU each, or GPUs shared when replicas x "
+        "gpu-memory-utilization <= 1)", aliases=("-dp",),
+    )
+    data_parallel_backend: str = cli_field(
+        "mp", "mp: replicas are local processes; ray: Ray actors in a placement group (pip install -e '.[ray]')",
+        choices=list(DATA_PARALLEL_BACKENDS),
+    )
+    ray_address: str | None = cli_field(
+        None, "ray: the cluster to place replicas on (default: a local Ray instance started for the run)"
+    )
+    router_policy: str = cli_field(
+        "cache_aware", "data parallel: which replica gets a request (cache_aware: the one holding its images or "
+        "prefix, bounded by load; least_loaded; round_robin)", choices=list(ROUTER_POLICIES),
+    )
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -100,8 +268,13 @@ class EngineArgs:
                     f"{self.model!r} has no weights here (no downloads); pass load_format='dummy' for random weights"
                 )
             load_format = "dummy"  # the tiny presets exist to run without weights
+        device = _resolve_device(self.device)
+        if self.trust_remote_code:
+            logger.info("trust_remote_code is accepted for vLLM compatibility and changes nothing: spaceserve runs "
+                        "its own model code, never a checkpoint's")
+        if self.tokenizer is not None and self.skip_tokenizer_init:
+            raise ConfigError("tokenizer and skip_tokenizer_init exclude each other")
         max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
         return EngineConfig(
@@ -112,6 +285,8 @@ class EngineArgs:
             load_format=load_format,  # type: ignore[arg-type]
             dtype=self.dtype,
             device=device,
+            tokenizer=self.tokenizer,
+            skip_tokenizer_init=self.skip_tokenizer_init,
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
             encoder_sms=_parse_sm_counts(self.encoder_sms),
@@ -175,155 +350,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", help="a Hugging Face model directory, a Hub cache name, or a preset (tiny-qwen2-vl)")
-        parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-        parser.add_argument("--dtype", default="auto")
-        parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-        parser.add_argument("--max-num-seqs", type=int, default=256)
-        parser.add_argument(
-            "--async-scheduling",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="schedule step N+1 while step N runs on the device (outputs are identical either way)",
-        )
-        parser.add_argument("--block-size", type=int, default=16)
-        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size; overrides the above")
-        parser.add_argument(
-            "--limit-mm-per-prompt",
-            type=_parse_limits,
-            default=None,
-            help="most items of each modality per prompt, e.g. image=4,video=1",
-        )
-        parser.add_argument("--encoder-policy", default="fcfs", choices=["fcfs", "twsrft"])
-        parser.add_argument("--encoder-window-s", type=float, default=0.05)
-        parser.add_argument("--encoder-budget-tokens", type=int, default=None)
-        parser.add_argument("--encoder-cache-tokens", type=int, default=None)
-        parser.add_argument(
-            "--multiplex",
-            default="time",
-            choices=list(MULTIPLEX_MODES),
-            help="time: encoder inside the engine step (vLLM v1); streams: concurrent on its own CUDA stream; "
-            "space: concurrent on a disjoint SM partition (green contexts); auto: space where possible, else time",
-        )
-        parser.add_argument(
-            "--encoder-sms",
-            default=None,
-            help="space: SMs for the encoder, e.g. 48 or 48,96 (a split per count: the smallest while the LM is busy, "
-            "the largest while it runs few sequences); rounded to the device's granularity",
-        )
-        parser.add_argument(
-            "--gpu-preprocess-min-pixels",
-            type=int,
-            default=None,
-            help="images of at least this many pixels are resized and normalised by the engine core on its device "
-            "(default: all images when it runs on CUDA, none on CPU)",
-        )
-        parser.add_argument(
-            "--multiprocess",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="run the engine core in a process of its own (default; --no-multiprocess: in this process, for "
-            "debugging; or set SPACESERVE_ENABLE_MULTIPROCESSING=0)",
-        )
-        parser.add_argument(
-            "--sm-curves",
-            default=None,
-            help="space: resource-utility curves written by `spaceserve profile` (default: profile a small grid at "
-            "start-up)",
-        )
-        parser.add_argument(
-            "--slo-tpot-ms", type=float, default=50.0, help="TPOT the SM allocator keeps decodes within"
-        )
-        parser.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT the SM allocator aims for")
-        parser.add_argument(
-            "--data-parallel-size",
-            "-dp",
-            type=int,
-            default=1,
-            help="engine-core replicas behind one endpoint (one GPU each, or GPUs shared when "
-            "replicas x gpu-memory-utilization <= 1)",
-        )
-        parser.add_argument(
-            "--data-parallel-backend",
-            default="mp",
-            choices=list(DATA_PARALLEL_BACKENDS),
-            help="mp: replicas are local processes; ray: Ray actors in a placement group (pip install -e '.[ray]')",
-        )
-        parser.add_argument(
-            "--ray-address",
-            default=None,
-            help="ray: the cluster to place replicas on (default: a local Ray instance started for the run)",
-        )
-        parser.add_argument(
-            "--router-policy",
-            default="cache_aware",
-            choices=list(ROUTER_POLICIES),
-            help="data parallel: which replica gets a request (cache_aware: the one holding its images or prefix, "
-            "bounded by load; least_loaded; round_robin)",
-        )
-        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-        parser.add_argument(
-            "--enforce-eager", action="store_true", help="no CUDA graphs: neither decode steps nor the vision encoder"
-        )
-        parser.add_argument(
-            "--cuda-graph-sizes",
-            type=lambda text: tuple(int(size) for size in text.split(",")),
-            default=None,
-            help="decode batch sizes to capture, e.g. 1,2,4,8,16 (default: a ladder up to max-num-seqs)",
-        )
-        parser.add_argument(
-            "--disable-vision-cuda-graphs",
-            action="store_true",
-            help="run the vision encoder eagerly (decode graphs stay on)",
-        )
-        parser.add_argument(
-            "--vision-cuda-graph-patches",
-            type=lambda text: tuple(int(size) for size in text.split(",")),
-            default=None,
-            help="patch-count buckets captured as vision CUDA graphs, e.g. 1024,4096,16384 (default: a ladder up to "
-            "the encoder budget x merge**2)",
-        )
-
-        parser.add_argument(
-            "--mm-processor-kwargs",
-            type=json.loads,
-            default=None,
-            help='video sampling/processing defaults as JSON, e.g. \'{"fps": 1, "max_frames": 64}\'',
-        )
-        parser.add_argument("--max-video-duration-s", type=float, default=3600.0)
-        parser.add_argument("--video-decode-workers", type=int, default=4)
-        parser.add_argument("--video-decode-backend", default="auto")
-        parser.add_argument("--video-cache-bytes", type=int, default=1 << 30)
-        parser.add_argument(
-            "--video-decoder-sessions",
-            type=int,
-            default=8,
-            help="NVDEC sessions per GPU (opened at start); a video takes the free ones its length needs, split along "
-            "GOP boundaries; 0: one session per video",
-        )
-        parser.add_argument(
-            "--video-decoder-cpu-sessions",
-            type=int,
-            default=None,
-            help="PyAV sessions for GOP-parallel decoding on the CPU (default: one per core)",
-        )
-        parser.add_argument(
-            "--video-decode-gpus",
-            default=None,
-            help="GPUs whose NVDEC decoders take part: 'all' or indices like 0,1 (default: the engine's GPU)",
-        )
-        parser.add_argument(
-            "--video-chunk-tokens",
-            type=int,
-            default=1024,
-            help="videos are encoded and prefilled chunk by chunk as they decode: the first chunk one temporal patch, "
-            "each next twice the one before, up to this many tokens; 0: one chunk per video",
-        )
+        add_dataclass_args(parser.add_argument_group("engine"), EngineArgs)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
@@ -341,6 +368,21 @@ def _checked_curves_file(path: str | None) -> str | None:
     except CurvesError as exc:
         raise ConfigError(f"--sm-curves: {exc}") from None
     return str(path)
+
+
+def _resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got device={device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        reason = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"device={device!r} was asked for, but {reason}; use device='cpu'")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got device={device!r}")
+    return device
 
 
 def _parse_sm_counts(counts: str | int | tuple[int, ...] | None) -> tuple[int, ...]:
@@ -371,13 +413,3 @@ def _resolve_decode_gpus(gpus: str | tuple[int, ...] | None) -> tuple[int, ...] 
     if torch.cuda.is_available() and gpus and max(gpus) >= torch.cuda.device_count():
         raise ConfigError(f"video_decode_gpus names {max(gpus)}, but only {torch.cuda.device_count()} GPUs are visible")
     return gpus
-
-
-def _parse_limits(text: str) -> dict[str, int]:
-    limits = {}
-    for item in text.split(","):
-        modality, _, count = item.partition("=")
-        if not count.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"expected modality=count pairs like image=4,video=1, got {text!r}")
-        limits[modality.strip()] = int(count)
-    return limits

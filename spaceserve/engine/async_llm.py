@@ -40,7 +40,7 @@ from spaceserve.engine.core_client import CoreClient, EngineDeadError, make_core
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.engine.stats import EngineStats, StatLogger
-from spaceserve.tokenizer import load_tokenizer
+from spaceserve.tokenizer import load_tokenizer_for
 
 __all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
@@ -104,7 +104,7 @@ class AsyncLLM:
     ) -> None:
         self.config = config
         self.stat_loggers = list(stat_loggers or [])
-        self.tokenizer = load_tokenizer(config.model_dir, config.model_config)
+        self.tokenizer = load_tokenizer_for(config)
         # Stateless (config + tokenizer); called from the input workers
         self.input_processor = InputProcessor(config, self.tokenizer)
         self._client: CoreClient = make_core_client(config, multiprocess)  # raises the core's start-up error
@@ -157,12 +157,17 @@ class AsyncLLM:
         return self._stats
 
     async def add_request(
-        self, prompt: PromptType, sampling_params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        check: Callable[[Any], None] | None = None,
     ) -> RequestStream:
         """Process the input on a worker, queue the request, and return its output stream.
 
-        Bad input raises InvalidInputError and nothing is queued. Close the stream (or let it finish) when done:
-        closing it early aborts the request."""
+        Bad input raises InvalidInputError and nothing is queued; so does `check(request)` (the caller's own rules
+        on the processed request: the server's context check) when it raises. Close the stream (or let it finish)
+        when done: closing it early aborts the request."""
         self._raise_if_dead()
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         params = sampling_params or SamplingParams()
@@ -170,6 +175,8 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         self._check_id_free(request_id)
         request = await loop.run_in_executor(self._input_pool, self.input_processor.process, request_id, prompt, params)
+        if check is not None:
+            check(request)
         request.arrival_time = arrival_time  # processing time counts towards the queue time and the latency
         stream = RequestStream(request_id, loop, self)
         with self._lock:

@@ -287,8 +287,11 @@ class EngineCore:
         timestamps = None
         if with_timestamps or request.is_finished:
             timestamps = {name: value for name in REQUEST_TIMESTAMPS if (value := getattr(request, name)) is not None}
+        logprobs = None  # the new tokens' log-probabilities, for a request that asked (SamplingParams.logprobs)
+        if request.output_logprobs and new_token_ids:
+            logprobs = request.output_logprobs[-len(new_token_ids) :]
         if not request.is_finished:
-            return EngineCoreOutput(request.request_id, new_token_ids, timestamps=timestamps)
+            return EngineCoreOutput(request.request_id, new_token_ids, timestamps=timestamps, new_logprobs=logprobs)
         return EngineCoreOutput(
             request.request_id,
             new_token_ids,
@@ -296,6 +299,7 @@ class EngineCore:
             stop_reason=request.stop_reason,
             error=error,
             timestamps=timestamps,
+            new_logprobs=logprobs,
         )
 
     def _wait_for_work(self, encoded: bool) -> None:

@@ -314,7 +314,7 @@ class MPClient(CoreClient):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         command = [
             sys.executable, "-m", "spaceserve.engine.core_proc", config_path, input_address, output_address,
-            str(logging.getLogger().getEffectiveLevel()),
+            str(logging.getLogger("spaceserve").getEffectiveLevel()),
         ]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 

@@ -2,8 +2,9 @@
 or in a thread of the front's process (tests, debugging): take every message that arrived, then step while
 requests are unfinished, sending each step's outputs; block when idle, so an idle engine costs nothing.
 
-A message that fails (bad input the front could not check, a failing utility call) is answered with its error; an
-exception inside a step ends the loop for every request, reported as EngineCoreDead.
+A message that fails (bad input the front could not check, any error adding one request, a failing utility call) is
+answered with its error; an exception inside a step, or while aborting, ends the loop for every request, reported as
+EngineCoreDead so that no request is left waiting.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class CoreTransport(Protocol):
 
 
 RequestBuilder = Callable[[AddRequest], Request]
+ADD_FAILURE_MESSAGE = "the request could not be added: a server error (see the server log)"
+"""The error of a request whose add failed for a reason other than its input; only that request ends."""
 
 
 def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: RequestBuilder) -> None:
@@ -58,7 +61,12 @@ def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: Req
         for message in messages:
             if isinstance(message, Shutdown):
                 return
-            _handle(core, transport, build_request, message)
+            try:
+                _handle(core, transport, build_request, message)
+            except Exception as exc:  # noqa: BLE001 - like a failed step: the front must hear of it, or it waits
+                logger.exception("engine core failed handling %s", type(message).__name__)
+                transport.send(EngineCoreDead(f"engine core failed: {type(exc).__name__}: {exc}", type(exc).__name__))
+                raise
         if not core.has_unfinished_requests():
             if not idle_reported:
                 transport.send(StepOutputs(EngineCoreOutputs([], core.stats())))
@@ -81,8 +89,13 @@ def _handle(core: EngineCore, transport: CoreTransport, build_request: RequestBu
     if isinstance(message, AddRequest):
         try:
             core.add_request(build_request(message))
-        except InvalidInputError as exc:
-            error = EngineCoreOutput(message.request.request_id, finish_reason=FinishReason.ERROR, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one request's failure is that request's, never the loop's
+            if isinstance(exc, InvalidInputError):
+                reason = str(exc)
+            else:
+                logger.exception("adding request %s failed", message.request.request_id)
+                reason = ADD_FAILURE_MESSAGE
+            error = EngineCoreOutput(message.request.request_id, finish_reason=FinishReason.ERROR, error=reason)
             transport.send(StepOutputs(EngineCoreOutputs([error], core.stats())))
     elif isinstance(message, AbortRequests):
         core.abort_requests(message.request_ids, message.reason)

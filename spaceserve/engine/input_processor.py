@@ -17,6 +17,7 @@ from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.multimodal import MultiModalFeature, PlaceholderRange, RawImage
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
+from spaceserve.engine.mm_kwargs import MMProcessorLimits, check_mm_processor_kwargs
 from spaceserve.kvcache.encoder_cache import check_fits_encoder_cache
 from spaceserve.models.mrope import mrope_positions_for_config
 from spaceserve.multimodal.hashing import hash_image
@@ -24,6 +25,7 @@ from spaceserve.multimodal.image import ProcessedImage, image_grid, load_image, 
 from spaceserve.multimodal.video.chunks import video_chunk_features
 from spaceserve.multimodal.video.inputs import VIDEO_KWARGS, ResolvedVideo, VideoSettings, resolve_video
 from spaceserve.tokenizer.base import Tokenizer
+from spaceserve.tokenizer.no_tokenizer import NoTokenizer
 
 PromptType = Union[str, Mapping[str, Any]]
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
@@ -37,10 +39,12 @@ class InputProcessor:
         self.model_config = config.model_config
         self.image_config = config.image_config
         self.tokenizer = tokenizer
+        self.mm_limits = MMProcessorLimits.from_config(config)
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> Request:
         """Build the request. Videos are only probed here: each leaves a decode job in `request.pending_mm_work`
         (its chunks' features have no pixel values yet) for the engine's decode stage."""
+        self._check_params(params)
         text, token_ids, mm_data, processor_kwargs = self._parse(prompt)
         images_in = [self._preprocess(image, processor_kwargs, i) for i, image in enumerate(mm_data["image"])]
         videos_in = [self._resolve_video(video, processor_kwargs, i) for i, video in enumerate(mm_data["video"])]
@@ -50,10 +54,11 @@ class InputProcessor:
             check_fits_encoder_cache(feature.num_tokens, cache_tokens)
         for video in videos_in:  # a video's chunks stay cached together until the LM consumes them
             check_fits_encoder_cache(video.plan.num_tokens, cache_tokens, "video")
-        if len(token_ids) >= self.config.scheduler.max_model_len:
+        max_model_len = self.config.scheduler.max_model_len
+        if len(token_ids) >= max_model_len:
             raise InvalidInputError(
                 f"prompt is {len(token_ids)} tokens (with images and videos expanded), leaving no room to generate "
-                f"within max_model_len={self.config.scheduler.max_model_len}"
+                f"within max_model_len={max_model_len}"
             )
         image_grids = [f.grid_thw for f in features if f.modality == "image"]
         video_grids = [video.plan.grid_thw for video in videos_in]
@@ -93,14 +98,31 @@ class InputProcessor:
         if not token_ids:
             raise InvalidInputError("the prompt is empty")
         mm_data = self._mm_items(prompt.get("multi_modal_data") or {})
-        request_kwargs = prompt.get("mm_processor_kwargs") or {}
-        if not isinstance(request_kwargs, Mapping):
-            raise InvalidInputError("'mm_processor_kwargs' must be a dict")
+        request_kwargs = check_mm_processor_kwargs(
+            prompt.get("mm_processor_kwargs"), self.mm_limits, has_images=bool(mm_data["image"]),
+            has_videos=bool(mm_data["video"]),
+        )
         kwargs = {**self.config.video.processor_kwargs, **request_kwargs}
         unknown_kwargs = set(kwargs) - VIDEO_KWARGS
         if unknown_kwargs:
             raise InvalidInputError(f"unsupported mm_processor_kwargs {sorted(unknown_kwargs)}")
         return text, token_ids, mm_data, kwargs
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: it knows no vocabulary, and n > 1 is fanned out in front of the
+        engine (LLM.generate, the server), which runs one sequence per request."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise InvalidInputError(f"the engine runs one sequence per request (n=1); n={params.n} is fanned out by "
+                                    "LLM.generate and the server")
+        if params.stop and isinstance(self.tokenizer, NoTokenizer):
+            raise InvalidInputError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init); use "
+                                    "stop_token_ids")
+        vocab = self.model_config.text.vocab_size
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise InvalidInputError(f"stop_token_ids holds {outside[0]}, not a token id in [0, {vocab})")
 
     def _check_token_ids(self, token_ids: Any) -> list[int]:
         if not isinstance(token_ids, Sequence) or isinstance(token_ids, str):
@@ -207,6 +229,19 @@ class InputProcessor:
             else:
                 expanded.append(token)
         return expanded, features, video_starts
+
+
+def check_max_tokens_fit(request: Request, max_model_len: int) -> None:
+    """The server's rule (vLLM's): a prompt plus max_tokens past the context is refused, not cut short. Offline
+    callers keep the engine's behaviour: generation stops at max_model_len."""
+    max_tokens = request.sampling_params.max_tokens
+    num_prompt = request.num_prompt_tokens
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise InvalidInputError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion); reduce "
+            "the prompt or max_tokens"
+        )
 
 
 def _is_video_list(value: list[Any]) -> bool:

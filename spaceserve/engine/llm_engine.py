@@ -23,7 +23,7 @@ from spaceserve.engine.core_client import EngineDeadError, MPClient, multiproces
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
 from spaceserve.engine.video_jobs import DECODE_FAILURE_PREFIX
-from spaceserve.tokenizer import load_tokenizer
+from spaceserve.tokenizer import load_tokenizer_for
 
 __all__ = ["DECODE_FAILURE_PREFIX", "LLMEngine"]
 
@@ -33,7 +33,7 @@ class LLMEngine:
         if config.data_parallel.data_parallel_size > 1:
             raise ConfigError("the offline engine runs one engine core; data parallelism is AsyncLLM's (spaceserve serve)")
         self.config = config
-        self.tokenizer = load_tokenizer(config.model_dir, config.model_config)
+        self.tokenizer = load_tokenizer_for(config)
         self.input_processor = InputProcessor(config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._client: MPClient | None = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spaceserve.core.engine_messages import EngineCoreOutput, FinishReason
-from spaceserve.core.outputs import CompletionOutput, RequestOutput
+from spaceserve.core.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.tokenizer.base import Tokenizer
@@ -34,6 +34,7 @@ class RequestState:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    logprobs: SampleLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -65,6 +66,7 @@ class OutputProcessor:
             eos_token_ids=request.eos_token_ids,
             arrival_time=request.arrival_time,
             detokenizer=self.tokenizer.new_detokenizer(params.skip_special_tokens),
+            logprobs=[] if params.logprobs is not None else None,
         )
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
@@ -113,10 +115,13 @@ class OutputProcessor:
     def _advance(self, state: RequestState, core_output: EngineCoreOutput) -> None:
         params = state.params
         ends_here = core_output.finish_reason is not None
+        new_logprobs = core_output.new_logprobs or ()
         for index, token in enumerate(core_output.new_token_ids):
             if state.finish_reason is not None:
                 return
             state.output_token_ids.append(token)
+            if state.logprobs is not None and index < len(new_logprobs):
+                state.logprobs.append(self._logprobs_dict(new_logprobs[index]))
             last = index == len(core_output.new_token_ids) - 1
             if ends_here and last and token in state.eos_token_ids and not params.ignore_eos:
                 continue  # the EOS that ended the request is not part of the text
@@ -124,6 +129,15 @@ class OutputProcessor:
             state.text += state.detokenizer.step(token) or ""
             if params.stop and len(state.output_token_ids) >= params.min_tokens:
                 self._check_stop_strings(state, previous_len)
+
+    def _logprobs_dict(self, entry) -> dict[int, Logprob]:
+        """vLLM's shape: {token id: Logprob(logprob, rank, decoded text)}, the sampled token first, then the top."""
+        ranks = [entry.sampled_rank, *range(1, len(entry.token_ids))]
+        step: dict[int, Logprob] = {}
+        for token, value, rank in zip(entry.token_ids, entry.logprobs, ranks):
+            if token not in step:
+                step[token] = Logprob(value, rank, self.tokenizer.decode([token], skip_special_tokens=False))
+        return step
 
     @staticmethod
     def _check_stop_strings(state: RequestState, previous_len: int) -> None:
@@ -148,6 +162,7 @@ class OutputProcessor:
             token_ids=list(state.output_token_ids),
             finish_reason=state.finish_reason,
             stop_reason=state.stop_reason,
+            logprobs=None if state.logprobs is None else list(state.logprobs),
         )
         return RequestOutput(
             request_id=state.request_id,

@@ -4,6 +4,10 @@ Greedy rows take the argmax. The others are scaled by temperature, filtered by t
 exponential race: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i. A seeded request draws its q
 row from its own generator, always a full vocabulary row, so it samples the same tokens in any batch. Banned ids
 (EOS and stop ids before min_tokens) are masked to -inf first, for greedy and random rows alike.
+
+Log-probabilities (`sample_with_logprobs`, only in steps where a request asked for them) are vLLM's default "raw"
+ones: the log-softmax of the model's logits before any mask, temperature or top-k/top-p, for the sampled token
+(with its rank) and the k most likely tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +31,42 @@ class SamplingMetadata:
     needs_top_k_top_p: bool
     seeded_generators: tuple[tuple[int, torch.Generator], ...] = ()
     """(row, generator) of each seeded random row; the other random rows use the device's default generator."""
+    max_num_logprobs: int | None = None
+    """The most top log-probabilities a row of this step asked for; None: no row wants log-probabilities."""
+
+
+@dataclass(frozen=True)
+class LogprobsTensors:
+    """Per sampled row: column 0 is the sampled token, columns 1..k the k most likely tokens (on the device)."""
+
+    token_ids: torch.Tensor  # [R, 1 + k] int64
+    logprobs: torch.Tensor  # [R, 1 + k] float32
+    sampled_ranks: torch.Tensor  # [R] int64: 1 + how many tokens are more likely than the sampled one
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor, metadata: SamplingMetadata
+) -> tuple[torch.Tensor, LogprobsTensors | None]:
+    """`sample_on_device`, plus the rows' log-probabilities when any row asked for them (metadata.max_num_logprobs
+    set). The model runner calls this once per step."""
+    if metadata.max_num_logprobs is None:
+        return sample_on_device(logits, metadata), None
+    raw = logits.float().log_softmax(dim=-1)  # before the in-place masks of sampling
+    tokens = sample_on_device(logits, metadata)
+    return tokens, gather_logprobs(raw, tokens, metadata.max_num_logprobs)
+
+
+def gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """logprobs [R, vocab], tokens [R] -> the sampled tokens' log-probabilities and ranks and the `num_top` most
+    likely tokens per row, all on the device (no sync)."""
+    sampled = logprobs.gather(1, tokens.unsqueeze(1))
+    ranks = (logprobs > sampled).sum(dim=-1) + 1
+    token_ids, values = tokens.unsqueeze(1), sampled
+    if num_top > 0:
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)
+        token_ids = torch.cat([token_ids, top_ids], dim=1)
+        values = torch.cat([values, top_values], dim=1)
+    return LogprobsTensors(token_ids, values, ranks)
 
 
 def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -78,6 +118,7 @@ def sampling_metadata_from_rows(rows: list[SamplingRow], vocab_size: int, device
         all_greedy=all(r.params.greedy for r in rows),
         needs_top_k_top_p=any(not r.params.greedy and (r.params.top_k > 0 or r.params.top_p < 1) for r in rows),
         seeded_generators=tuple((i, r.generator) for i, r in enumerate(rows) if r.generator is not None),
+        max_num_logprobs=max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None),
     )
 
 

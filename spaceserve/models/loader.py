@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from spaceserve.core.errors import ConfigError
 from spaceserve.models.config import ModelConfig
@@ -43,7 +44,7 @@ def iter_checkpoint(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = safetensors_files(directory)
     if not files:
         raise ConfigError(f"{directory} holds no *.safetensors weights; use load_format='dummy' for random weights")
-    for file in files:
+    for file in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", dynamic_ncols=True):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 yield name, handle.get_tensor(name)

@@ -308,6 +308,9 @@ class InputBatch:
             all_greedy=all_greedy,
             needs_top_k_top_p=needs_top_k_top_p,
             seeded_generators=generators,
+            max_num_logprobs=max(
+                (n for i in sampled if (n := seqs[i].request.sampling_params.logprobs) is not None), default=None
+            ),
         )
         return ModelInputs(
             input_ids=device["input_ids"],

@@ -26,9 +26,15 @@ import torch
 
 from spaceserve.core.request import Request
 from spaceserve.core.sampling_params import SamplingParams
-from spaceserve.core.scheduler_output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
+from spaceserve.core.scheduler_output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
 from spaceserve.layers.attention import AttentionBackend
-from spaceserve.layers.sampler import SamplingRow, sample_on_device, sampling_metadata_from_rows
+from spaceserve.layers.sampler import (
+    LogprobsTensors,
+    SamplingRow,
+    sample_on_device,
+    sample_with_logprobs,
+    sampling_metadata_from_rows,
+)
 from spaceserve.runtime.cuda_graphs import DecodeCUDAGraphs, is_graphable
 from spaceserve.runtime.input_batch import InputBatch, ModelInputs
 
@@ -45,6 +51,9 @@ class StepHandle:
     graphed: bool
     gpu_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
     """Timing events recorded before and after the step's work on its stream (CUDA only)."""
+    logprobs: LogprobsTensors | None = None
+    """On the device, for the rows whose requests asked for log-probabilities (computed before `done`)."""
+    num_logprobs: tuple[int | None, ...] = ()
 
 
 class ModelRunner:
@@ -158,7 +167,7 @@ class ModelRunner:
                 if span is not None:
                     span[1].record()
                 return StepHandle((), None, None, graphed=False, gpu_span=span)
-            tokens = sample_on_device(logits, inputs.sampling)
+            tokens, logprobs = sample_with_logprobs(logits, inputs.sampling)
             self._previous_tokens = tokens
             self._previous_rows = {request_id: row for row, request_id in enumerate(inputs.sampled_request_ids)}
             index = self._next_output
@@ -172,14 +181,17 @@ class ModelRunner:
                 done.record()
             if span is not None:
                 span[1].record()
-        return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None, gpu_span=span)
+        num_logprobs = () if logprobs is None else _num_logprobs(scheduled, inputs.sampled_request_ids)
+        return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None, gpu_span=span,
+                          logprobs=logprobs, num_logprobs=num_logprobs)
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         if handle.sampled_ids is None:
             return ModelRunnerOutput({})
         if handle.done is not None:
             handle.done.synchronize()
-        return ModelRunnerOutput(dict(zip(handle.request_ids, handle.sampled_ids.tolist())))
+        sampled = dict(zip(handle.request_ids, handle.sampled_ids.tolist()))
+        return ModelRunnerOutput(sampled, _host_logprobs(handle))
 
     def _on_stream(self):
         if self.stream is None:
@@ -256,6 +268,25 @@ class ModelRunner:
 
 def _timing_events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def _num_logprobs(scheduled: SchedulerOutput, request_ids: tuple[str, ...]) -> tuple[int | None, ...]:
+    wanted = {s.request.request_id: s.request.sampling_params.logprobs for s in scheduled.sequences}
+    return tuple(wanted[request_id] for request_id in request_ids)
+
+
+def _host_logprobs(handle: StepHandle) -> dict[str, TokenLogprobs] | None:
+    """The step's log-probabilities on the host, for the requests that asked (each cut to its own top count)."""
+    if handle.logprobs is None:
+        return None
+    token_ids = handle.logprobs.token_ids.tolist()
+    values = handle.logprobs.logprobs.tolist()
+    ranks = handle.logprobs.sampled_ranks.tolist()
+    out = {}
+    for row, (request_id, count) in enumerate(zip(handle.request_ids, handle.num_logprobs)):
+        if count is not None:
+            out[request_id] = TokenLogprobs(tuple(token_ids[row][: 1 + count]), tuple(values[row][: 1 + count]), ranks[row])
+    return out
 
 
 def _runner_stream(device: torch.device) -> torch.cuda.Stream:

@@ -196,7 +196,7 @@ class Scheduler:
             token = output.sampled_token_ids.get(request.request_id)
             if token is None:
                 continue
-            request.append_output_token(token)
+            request.append_output_token(token, output.logprobs.get(request.request_id) if output.logprobs else None)
             status = check_stop(request, self.config.max_model_len)
             if status is not None:
                 (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)

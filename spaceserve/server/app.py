@@ -1,10 +1,12 @@
-"""The FastAPI app: OpenAI routes, /health, /metrics, OpenAI-style error bodies, and requests that end (and abort
-their engine request) as soon as their client goes away."""
+"""The FastAPI app: OpenAI routes, /health, /metrics, OpenAI-style error bodies for every failure (validation, body
+parsing, size and time limits, unknown routes, internal errors: none carries internal detail), an API key on /v1,
+and requests that end (and abort their engine requests) as soon as their client goes away."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -12,10 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from spaceserve.engine.async_llm import AsyncLLM, EngineDeadError
 from spaceserve.server.args import ServerArgs
+from spaceserve.server.auth import ApiKeyMiddleware
+from spaceserve.server.http_limits import BodyLimitsMiddleware
 from spaceserve.server.metrics import ServerMetrics
 from spaceserve.server.protocol import (
     ChatCompletionRequest,
@@ -26,6 +31,14 @@ from spaceserve.server.protocol import (
 )
 from spaceserve.server.serving_chat import OpenAIServingChat
 from spaceserve.server.serving_completion import OpenAIServingCompletion
+from spaceserve.server.serving_engine import ENGINE_DEAD_MESSAGE, SERVER_ERROR_MESSAGE
+from spaceserve.tokenizer.chat_template import ChatTemplate
+
+logger = logging.getLogger("spaceserve.server")
+_HTTP_ERROR_TYPES = {
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+    408: "RequestTimeoutError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
+}
 
 
 def make_metrics(engine: AsyncLLM, served_model_name: str) -> ServerMetrics:
@@ -36,11 +49,26 @@ def make_metrics(engine: AsyncLLM, served_model_name: str) -> ServerMetrics:
 
 
 def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
-    served_model_name = args.served_model_name or engine.config.model
-    metrics = make_metrics(engine, served_model_name)
-    chat = OpenAIServingChat(engine, served_model_name, args.media_connector(), args.video_connector())
-    completion = OpenAIServingCompletion(engine, served_model_name)
-    app = FastAPI(title="spaceserve", description="OpenAI-compatible server for multimodal LLMs")
+    model_names = args.model_names(engine.config.model)
+    metrics = make_metrics(engine, model_names[0])
+    log_requests = not args.disable_log_requests
+    chat = OpenAIServingChat(
+        engine,
+        model_names,
+        args.media_connector(),
+        args.video_connector(),
+        max_request_media_bytes=args.media_max_request_bytes,
+        chat_template=None if args.chat_template is None else ChatTemplate.from_file_or_text(args.chat_template),
+        log_requests=log_requests,
+    )
+    completion = OpenAIServingCompletion(engine, model_names, log_requests=log_requests)
+    app = FastAPI(
+        title="spaceserve",
+        description="OpenAI-compatible server for multimodal LLMs",
+    )
+    app.add_middleware(BodyLimitsMiddleware, timeout_s=args.body_timeout_s, max_body_bytes=args.max_request_body_bytes)
+    if args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key)  # outermost: checked before the body is read
 
     @app.exception_handler(OpenAIServingError)
     async def serving_error(_: Request, exc: OpenAIServingError) -> JSONResponse:
@@ -50,10 +78,30 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return await serving_error(_, _validation_to_openai(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = str(exc.detail)
+        if status == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be parsed as JSON (invalid UTF-8, or nested too deeply)"
+        elif status == 413:
+            message = f"the request body is larger than the server's limit of {args.max_request_body_bytes} bytes"
+        error = OpenAIServingError(message, status_code=status, type=_HTTP_ERROR_TYPES.get(status, "HTTPError"))
+        response = await serving_error(_, error)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
     @app.exception_handler(EngineDeadError)
     async def dead_engine(_: Request, exc: EngineDeadError) -> JSONResponse:
-        error = OpenAIServingError(str(exc), status_code=503, type="ServiceUnavailableError")
+        error = OpenAIServingError(ENGINE_DEAD_MESSAGE, status_code=503, type="ServiceUnavailableError")
         return await serving_error(_, error)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error serving %s %s", request.method, request.url.path, exc_info=exc)
+        error = OpenAIServingError(SERVER_ERROR_MESSAGE, status_code=500, type="InternalServerError")
+        return await serving_error(request, error)
 
     @app.get("/health")
     async def health() -> Response:
@@ -61,7 +109,7 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
         state); 503 once nothing can serve."""
         state = engine.health()
         if state["status"] == "dead":
-            return JSONResponse({"status": "unhealthy", "error": state["error"]}, status_code=503)
+            return JSONResponse({"status": "unhealthy", "error": ENGINE_DEAD_MESSAGE}, status_code=503)
         if "replicas" in state:
             return JSONResponse(state, status_code=200)
         return Response(status_code=200)
@@ -72,8 +120,10 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, root=engine.config.model, max_model_len=chat.max_model_len)
-        return ModelList(data=[card])
+        cards = [
+            ModelCard(id=name, root=engine.config.model, max_model_len=chat.max_model_len) for name in model_names
+        ]
+        return ModelList(data=cards)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
@@ -90,8 +140,10 @@ async def _respond(
     raw_request: Request, handler: Callable[[], Awaitable[BaseModel | AsyncIterator[str]]]
 ) -> Response:
     """Run the handler until it answers or the client disconnects (then the handler is cancelled, which aborts
-    its engine request). A stream becomes a response that watches for the disconnect itself."""
+    its engine requests). A stream becomes a response that watches for the disconnect itself."""
     result = await _cancel_on_disconnect(handler(), raw_request.receive)
+    if isinstance(result, Response):  # the client went away: nobody reads this
+        return result
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
     return DisconnectAwareStreamingResponse(result, media_type="text/event-stream")
@@ -107,7 +159,6 @@ async def _cancel_on_disconnect(awaitable: Awaitable, receive: Receive):
         if not work.done():
             work.cancel()
     if not work.done() or work.cancelled():
-        # the client is gone; nobody reads this
         with contextlib.suppress(asyncio.CancelledError):
             await work
         return Response(status_code=499)
@@ -123,7 +174,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 class DisconnectAwareStreamingResponse(StreamingResponse):
     """Streams the body while listening for the client going away; either way the body generator is closed, so
-    a stream whose client left aborts its engine request at once rather than at the next failed send."""
+    a stream whose client left aborts its engine requests at once rather than at the next failed send."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.ensure_future(self.stream_response(send))

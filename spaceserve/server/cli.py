@@ -1,37 +1,41 @@
-"""`spaceserve serve MODEL [engine flags] [--host] [--port] ...`: the OpenAI-compatible server under uvicorn."""
+"""`spaceserve serve MODEL [engine flags] [server flags]`: the OpenAI-compatible server under uvicorn. Both flag
+groups are generated from their dataclasses (EngineArgs, ServerArgs); the engine's own logs (execution layout, KV
+plan, SM partitions) are shown at INFO."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from dataclasses import fields
 
-from spaceserve.engine.arg_utils import EngineArgs
-from spaceserve.engine.chat import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MAX_VIDEO_BYTES, DEFAULT_MEDIA_TIMEOUT_S
-from spaceserve.server.args import ServerArgs
+from spaceserve.engine.arg_utils import EngineArgs, add_dataclass_args
+from spaceserve.server.args import API_KEY_ENV, ServerArgs
+
+logger = logging.getLogger("spaceserve.server")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--served-model-name", default=None, help="the name clients use (default: MODEL)")
-    server.add_argument(
-        "--allowed-local-media-path",
-        default=None,
-        help="serve file:// images and videos under this directory (default: local files refused)",
-    )
-    server.add_argument(
-        "--allow-http-media", action="store_true", help="fetch http(s) image and video URLs (default: refused)"
-    )
-    server.add_argument("--media-max-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES, help="per image")
-    server.add_argument("--media-max-video-bytes", type=int, default=DEFAULT_MAX_VIDEO_BYTES, help="per video")
-    server.add_argument("--media-timeout-s", type=float, default=DEFAULT_MEDIA_TIMEOUT_S)
-    server.add_argument("--uvicorn-log-level", default="info")
+    add_dataclass_args(parser.add_argument_group("server"), ServerArgs)
 
 
 def server_args_from_cli(args: argparse.Namespace) -> ServerArgs:
-    return ServerArgs(**{f.name: getattr(args, f.name) for f in fields(ServerArgs) if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in fields(ServerArgs) if hasattr(args, f.name)}
+    if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
+        values["api_key"] = (os.environ[API_KEY_ENV],)
+    return ServerArgs(**values)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """spaceserve's loggers at INFO on stderr, in uvicorn's style; other libraries keep their own levels."""
+    root = logging.getLogger("spaceserve")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -39,12 +43,17 @@ def run_server(args: argparse.Namespace) -> int:
 
     from spaceserve.engine.async_llm import AsyncLLM
     from spaceserve.server.app import create_app
+    from spaceserve.server.http_limits import uvicorn_config
 
+    configure_logging()
     server_args = server_args_from_cli(args)
     engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
+    logger.info("execution: %s", engine.execution)
     try:
         app = create_app(engine, server_args)
-        uvicorn.run(app, host=server_args.host, port=server_args.port, log_level=server_args.uvicorn_log_level)
+        if server_args.api_key:
+            logger.info("API key required on /v1 routes (%d key(s))", len(server_args.api_key))
+        uvicorn.Server(uvicorn_config(app, server_args)).run()
     finally:
         engine.shutdown()
     return 0

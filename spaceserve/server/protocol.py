@@ -65,10 +65,15 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+MAX_N = 128
+"""Most samples one request may ask for (n); each is a request of its own inside the engine."""
+STRUCTURED_OUTPUT_UNSUPPORTED = (
+    "structured output (response_format {type}) is not supported by this server yet; send response_format "
+    "{{'type': 'text'}} or leave it out"
+)
+
 # (field, the value meaning "not used"): a request setting anything else gets a 400 naming the field
 _UNSUPPORTED = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "functions": (None, []),
     "logit_bias": (None, {}),
@@ -110,14 +115,21 @@ class _SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise OpenAIServingError("stream_options is only allowed when stream is true", param="stream_options")
 
+        if not 1 <= self.n <= MAX_N:
+            raise OpenAIServingError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
+
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return None
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self._max_tokens()
         try:
             return SamplingParams(
                 n=self.n,
+                logprobs=self._logprobs(),
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
@@ -131,7 +143,10 @@ class _SamplingRequest(BaseModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except InvalidInputError as exc:
-            raise OpenAIServingError(str(exc), param=str(exc).split(" ", 1)[0]) from None
+            param = str(exc).split(" ", 1)[0]
+            if param == "logprobs" and isinstance(self, ChatCompletionRequest):
+                param = "top_logprobs"
+            raise OpenAIServingError(str(exc), param=param) from None
 
     @property
     def include_usage(self) -> bool:
@@ -146,20 +161,33 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none"] | None = None
     response_format: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
-    """vLLM's extension: this request's video sampling/processing settings (fps, num_frames, max_frames, ...)."""
+    """vLLM's extension: this request's image/video processing settings (min/max_pixels, fps, num_frames, ...),
+    capped by the server's own limits."""
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.response_format not in (None, {"type": "text"}):
-            raise OpenAIServingError("only response_format {'type': 'text'} is supported", param="response_format")
+            kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
+            raise OpenAIServingError(STRUCTURED_OUTPUT_UNSUPPORTED.format(type=kind), param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIServingError("top_logprobs needs logprobs set to true", param="top_logprobs")
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -184,12 +212,26 @@ class ChatMessage(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatCompletionLogprobs(BaseModel):
+    content: list[ChatCompletionLogprob] | None = None
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: None = None
+    logprobs: ChatCompletionLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -197,6 +239,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now_s)
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
 
@@ -217,7 +260,7 @@ class ChatCompletionStreamChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: None = None
+    logprobs: ChatCompletionLogprobs | None = None
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -225,8 +268,18 @@ class ChatCompletionStreamResponse(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=now_s)
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists per token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
@@ -234,7 +287,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -242,6 +295,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now_s)
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 

@@ -47,7 +47,12 @@ class Tokenizer(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: Any = None,
+        **template_kwargs: Any,
     ) -> str: ...
 
     def new_detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer: ...

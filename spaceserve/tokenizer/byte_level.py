@@ -145,9 +145,15 @@ class ByteLevelTokenizer:
         return encoded[0] if len(encoded) == 1 else None
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: Any = None,
+        **template_kwargs: Any,
     ) -> str:
-        return self._chat_template.render(messages, add_generation_prompt, **template_kwargs)
+        template = chat_template or self._chat_template  # a ChatTemplate given by the caller (--chat-template)
+        return template.render(messages, add_generation_prompt, **template_kwargs)
 
     def new_detokenizer(self, skip_special_tokens: bool = True) -> ByteLevelDetokenizer:
         return ByteLevelDetokenizer(self._special_by_id, skip_special_tokens)

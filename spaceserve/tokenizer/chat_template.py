@@ -49,6 +49,22 @@ QWEN2_VL_CHAT_TEMPLATE = r"""
 """
 
 
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "chat_template"})
+"""The template call's own arguments; chat_template_kwargs naming one of them is refused."""
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """A request's chat_template_kwargs: a dict of variable names, none of them the call's own arguments."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise InvalidInputError("chat_template_kwargs must be an object whose keys are variable names")
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_VARIABLES)
+    if reserved:
+        raise InvalidInputError(f"chat_template_kwargs may not set {', '.join(reserved)}: the request sets those itself")
+    return dict(kwargs)
+
+
 class ChatTemplate:
     """A compiled chat template, rendered in a sandbox configured as transformers configures its own."""
 
@@ -59,14 +75,29 @@ class ChatTemplate:
             raise ConfigError(f"chat template does not compile: {exc}") from None
         self.source = source
 
+    @classmethod
+    def from_file_or_text(cls, value: str) -> ChatTemplate:
+        """`--chat-template`: a path to a template file, or the template text itself (as vLLM takes it)."""
+        path = Path(value).expanduser()
+        looks_like_template = any(marker in value for marker in ("{{", "{%", "\n"))
+        if not looks_like_template:
+            try:
+                return cls(path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"cannot read the chat template file {value}: {exc.strerror or exc}") from None
+        return cls(value)
+
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
     ) -> str:
         _check_messages(messages)
+        check_template_kwargs(variables)
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:  # a template meeting input it cannot handle
-            raise InvalidInputError(f"chat template rejected the messages: {exc}") from None
+        except RecursionError:
+            raise InvalidInputError("chat template rejected the messages: they nest too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of a template on this input is the input's problem
+            raise InvalidInputError(f"chat template rejected the messages: {type(exc).__name__}: {exc}") from None
 
 
 def find_chat_template(model_dir: str | os.PathLike[str]) -> str | None:

@@ -91,11 +91,15 @@ class HFTokenizer:
         return self._tokenizer.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, **template_kwargs: Any
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        chat_template: Any = None,
+        **template_kwargs: Any,
     ) -> str:
-        return self._chat_template.render(
-            messages, add_generation_prompt, **{**self._template_tokens, **template_kwargs}
-        )
+        template = chat_template or self._chat_template  # a ChatTemplate given by the caller (--chat-template)
+        return template.render(messages, add_generation_prompt, **{**self._template_tokens, **template_kwargs})
 
     def new_detokenizer(self, skip_special_tokens: bool = True) -> HFDetokenizer:
         return HFDetokenizer(self._tokenizer, skip_special_tokens)

@@ -161,3 +161,19 @@ def test_ttft_split_reports_how_long_the_decode_overlapped_encode_and_prefill():
     assert ttft_split(sequential)["ttft_overlap"] == 0.0
     image_only = {k: v for k, v in pipelined.items() if not k.startswith("video")}
     assert ttft_split(image_only)["ttft_overlap"] is None
+
+
+def test_ttft_from_send_leaves_out_client_side_queueing(rng):
+    """Under --max-concurrency a request waits in the client before it is sent: TTFT counts that wait (from the
+    scheduled arrival), ttft_send does not (guidellm's definition)."""
+    records = []
+    for index in range(50):
+        arrival = rng.uniform(0, 5)
+        queued = rng.uniform(0.2, 1.0)
+        server_ttft = rng.uniform(0.01, 0.05)
+        first = arrival + queued + server_ttft
+        times = (first, first + 0.01, first + 0.02)
+        records.append(RequestRecord(index, True, arrival, arrival + queued, times[-1], times, 3, 3))
+    metrics = compute_metrics(records, 0.0)
+    assert metrics["p50_ttft_send_ms"] == pytest.approx(_quantile([r.ttft_from_send for r in records], 50) * 1e3)
+    assert 10 <= metrics["p50_ttft_send_ms"] <= 50 and metrics["p50_ttft_ms"] >= 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from spaceserve.core.errors import ConfigError
@@ -53,14 +55,17 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_the_rest_serve(serve
 
 
 def test_replicas_take_one_gpu_each_and_share_only_within_the_memory_budget():
-    config = EngineArgs(model="tiny-qwen2-vl", device="cuda", gpu_memory_utilization=0.45)
-    # create_engine_config resolves a CUDA device only where one exists; the placement is pure arithmetic
-    engine_config = config.create_engine_config()
+    # create_engine_config refuses a CUDA device this build lacks; the placement is pure arithmetic over the config
+    def on_cuda(device="cuda", **kwargs):
+        made = EngineArgs(model="tiny-qwen2-vl", device="cpu", **kwargs).create_engine_config()
+        return dataclasses.replace(made, device=device)
+
+    engine_config = on_cuda(gpu_memory_utilization=0.45)
     assert mp_device_envs(engine_config, 4, visible="3,5") == [{"CUDA_VISIBLE_DEVICES": g} for g in "3535"]
     assert mp_device_envs(engine_config, 2, visible="", device_count=1) == [{"CUDA_VISIBLE_DEVICES": "0"}] * 2
     with pytest.raises(ConfigError, match="lower it to at most 0.33"):
         mp_device_envs(engine_config, 3, visible="", device_count=1)
-    pinned = EngineArgs(model="tiny-qwen2-vl", device="cuda:1").create_engine_config()
+    pinned = on_cuda("cuda:1")
     with pytest.raises(ConfigError, match="pins one GPU"):
         mp_device_envs(pinned, 2, visible="0,1")
     cpu = EngineArgs(model="tiny-qwen2-vl", device="cpu").create_engine_config()
@@ -69,7 +74,7 @@ def test_replicas_take_one_gpu_each_and_share_only_within_the_memory_budget():
     # the second replica on a GPU sees the first's memory as held by others: it asks for two shares, one its own
     shares = [shared_gpu_config(engine_config, position).cache.gpu_memory_utilization for position in range(2)]
     assert shares == [0.45, 0.9]
-    fixed = EngineArgs(model="tiny-qwen2-vl", device="cuda", kv_cache_memory_bytes=1 << 30).create_engine_config()
+    fixed = on_cuda(kv_cache_memory_bytes=1 << 30)
     assert shared_gpu_config(fixed, 1) is fixed
 
 

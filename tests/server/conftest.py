@@ -23,6 +23,7 @@ from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.async_llm import AsyncLLM
 from spaceserve.server.app import create_app
 from spaceserve.server.args import ServerArgs
+from spaceserve.server.http_limits import uvicorn_config
 from spaceserve.tokenizer.chat_template import QWEN2_VL_CHAT_TEMPLATE
 from tests.llm_factory import TEST_KV_CACHE_BYTES, make_llm
 from tests.tiny_checkpoints import PRESETS
@@ -86,8 +87,10 @@ def make_model_dir(path: Path) -> Path:
 
 
 class ThreadedServer:
-    def __init__(self, app) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    """The server's own uvicorn settings (header deadline, keep-alive), on a free loopback port."""
+
+    def __init__(self, app, args: ServerArgs | None = None) -> None:
+        config = uvicorn_config(app, args or ServerArgs(), host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
         self.thread.start()
@@ -147,8 +150,8 @@ def live_server(tmp_path_factory):
     engine.call_in_engine(lambda e: perturb_weights(e.model))
     reference = make_llm(str(model_dir), **ENGINE_KWARGS)
     perturb_weights(reference.llm_engine.core.model)
-    app = create_app(engine, ServerArgs(served_model_name=SERVED_NAME, allowed_local_media_path=str(media_dir)))
-    server = ThreadedServer(app)
+    args = ServerArgs(served_model_name=SERVED_NAME, allowed_local_media_path=str(media_dir))
+    server = ThreadedServer(create_app(engine, args), args)
     try:
         yield LiveServer(server.base_url, engine, recorder, reference, media_dir, outside_dir)
     finally:

@@ -50,17 +50,52 @@ CHAT_CASES = {
     "temperature not a number": (chat("hi", temperature="hot"), 400, "BadRequestError", "temperature"),
     "top_p zero": (chat("hi", top_p=0), 400, "BadRequestError", "top_p"),
     "max_tokens zero": (chat("hi", max_tokens=0), 400, "BadRequestError", "max_tokens"),
-    "n above one": (chat("hi", n=2), 400, "BadRequestError", "n must be 1"),
+    "n zero": (chat("hi", n=0), 400, "BadRequestError", "n must be in [1, 128]"),
+    "n too large": (chat("hi", n=1000), 400, "BadRequestError", "n must be in [1, 128]"),
     "min_tokens above max_tokens": (chat("hi", min_tokens=9), 400, "BadRequestError", "min_tokens"),
     "top_k below -1": (chat("hi", top_k=-3), 400, "BadRequestError", "top_k"),
-    "logprobs": (chat("hi", logprobs=True), 400, "BadRequestError", "logprobs"),
+    "top_logprobs above 20": (chat("hi", logprobs=True, top_logprobs=21), 400, "BadRequestError", "[0, 20]"),
+    "top_logprobs without logprobs": (chat("hi", top_logprobs=2), 400, "BadRequestError", "needs logprobs"),
+    "chat_template_kwargs naming messages": (
+        chat("hi", chat_template_kwargs={"messages": []}), 400, "BadRequestError", "may not set messages"
+    ),
+    "chat_template_kwargs naming add_generation_prompt": (
+        chat("hi", chat_template_kwargs={"add_generation_prompt": False}), 400, "BadRequestError",
+        "may not set add_generation_prompt",
+    ),
+    "max_pixels not a number": (
+        chat([image_part(PNG)], mm_processor_kwargs={"max_pixels": "lots"}), 400, "BadRequestError",
+        "max_pixels must be a positive integer",
+    ),
+    "max_pixels absurd": (
+        chat([image_part(PNG)], mm_processor_kwargs={"max_pixels": 10**12}), 400, "BadRequestError",
+        "exceeds the limit of",
+    ),
+    "min_pixels absurd": (
+        chat([image_part(PNG)], mm_processor_kwargs={"min_pixels": 10**12}), 400, "BadRequestError",
+        "exceeds the limit of",
+    ),
+    "fps not finite": (chat("hi", mm_processor_kwargs={"fps": "nan"}), 400, "BadRequestError", "fps must be"),
+    "unknown mm_processor_kwargs": (chat("hi", mm_processor_kwargs={"resize": 1}), 400, "BadRequestError", "resize"),
+    "unknown role": (
+        {"model": SERVED_NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "BadRequestError", "'wizard'"
+    ),
+    "stop_token_ids outside the vocabulary": (chat("hi", stop_token_ids=[10**6]), 400, "BadRequestError", "1000000"),
+    "stop_token_ids negative": (chat("hi", stop_token_ids=[-1]), 400, "BadRequestError", "stop_token_ids"),
+    "max_tokens past the context": (chat("hi", max_tokens=600), 400, "BadRequestError", "maximum context length"),
+    "structured output": (
+        chat("hi", response_format={"type": "json_object"}), 400, "BadRequestError", "structured output"
+    ),
     "tools": (chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "BadRequestError", "tools"),
     "image data URL over the size cap": (
         chat([image_part("data:image/png;base64," + "A" * (28 << 20))]), 400, "BadRequestError", "limit of"
     ),
 }
 COMPLETION_CASES = {
-    "batched prompts": ({"model": SERVED_NAME, "prompt": ["a", "b"]}, "batched"),
+    "an empty batch": ({"model": SERVED_NAME, "prompt": []}, "empty list"),
+    "a bad prompt in a batch": ({"model": SERVED_NAME, "prompt": [[1, 2], [1, 99999]]}, "prompt 1: prompt_token_ids"),
+    "logprobs above 20": ({"model": SERVED_NAME, "prompt": "x", "logprobs": 21}, "[0, 20]"),
+    "max_tokens past the context": ({"model": SERVED_NAME, "prompt": "x", "max_tokens": 512}, "maximum context length"),
     "token id out of vocab": ({"model": SERVED_NAME, "prompt": [1, 2, 99999]}, "99999"),
     "empty prompt": ({"model": SERVED_NAME, "prompt": ""}, "empty"),
     "echo": ({"model": SERVED_NAME, "prompt": "x", "echo": True}, "echo"),

@@ -13,6 +13,8 @@ import pytest
 
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.engine.chat import MediaConnector, parse_chat_messages
+from spaceserve.engine.media import MediaBudget
+from spaceserve.engine.media_http import MediaPolicy
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -21,6 +23,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         if self.path == "/slow":
             time.sleep(1.0)
+        if self.path.startswith("/redirect/"):
+            hops = int(self.path.rsplit("/", 1)[1])
+            self.send_response(302)
+            self.send_header("Location", f"/redirect/{hops - 1}" if hops > 1 else "/image")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/redirect-to/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/redirect-to/") :])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/missing":
             self.send_response(404)
             self.end_headers()
@@ -49,17 +64,85 @@ def http_server():
     thread.join(5)
 
 
+LOOPBACK_ALLOWED = MediaPolicy(allow_private_addresses=True)
+
+
 def test_http_only_when_enabled_with_cap_and_timeout(http_server):
     base, payload = http_server
     with pytest.raises(InvalidInputError, match="not fetched"):
         MediaConnector().fetch(f"{base}/image")
-    assert MediaConnector(allow_http=True).fetch(f"{base}/image") == payload
+    assert MediaConnector(allow_http=True, http_policy=LOOPBACK_ALLOWED).fetch(f"{base}/image") == payload
     with pytest.raises(InvalidInputError, match="limit of 1000 bytes"):
-        MediaConnector(allow_http=True, max_bytes=1000).fetch(f"{base}/image")
-    with pytest.raises(InvalidInputError, match="HTTP 404"):
-        MediaConnector(allow_http=True).fetch(f"{base}/missing")
+        MediaConnector(allow_http=True, max_bytes=1000, http_policy=LOOPBACK_ALLOWED).fetch(f"{base}/image")
+    with pytest.raises(InvalidInputError, match="could not be fetched") as refused:
+        MediaConnector(allow_http=True, http_policy=LOOPBACK_ALLOWED).fetch(f"{base}/missing")
+    assert "404" not in str(refused.value)  # the remote's status is not echoed (a port scanner's oracle)
     with pytest.raises(InvalidInputError, match="timed out"):
-        MediaConnector(allow_http=True, timeout_s=0.2).fetch(f"{base}/slow")
+        MediaConnector(allow_http=True, timeout_s=0.2, http_policy=LOOPBACK_ALLOWED).fetch(f"{base}/slow")
+
+
+def test_loopback_private_and_credentialed_urls_are_refused_before_any_connection(http_server):
+    base, _ = http_server
+    port = base.rsplit(":", 1)[1]
+    media = MediaConnector(allow_http=True)
+    refused = [
+        f"{base}/image",  # 127.0.0.1
+        f"http://localhost:{port}/image",
+        f"http://2130706433:{port}/image",  # 127.0.0.1 as one decimal number
+        f"http://0x7f000001:{port}/image",
+        f"http://[::1]:{port}/image",
+        f"http://[::ffff:127.0.0.1]:{port}/image",
+        "http://10.1.2.3/image",  # refused on its address: nothing is sent
+        "http://169.254.169.254/latest/meta-data",
+        "http://192.168.0.1/image",
+        "http://0.0.0.0/image",
+    ]
+    for url in refused:
+        with pytest.raises(InvalidInputError, match="loopback, private or link-local"):
+            media.fetch(url)
+    with pytest.raises(InvalidInputError, match="credentials"):
+        MediaConnector(allow_http=True, http_policy=LOOPBACK_ALLOWED).fetch(f"http://user:secret@127.0.0.1:{port}/image")
+    only_example = MediaConnector(allow_http=True, http_policy=MediaPolicy(allowed_domains=("example.com",)))
+    with pytest.raises(InvalidInputError, match="allowed-media-domains"):
+        only_example.fetch(f"{base}/image")
+    with pytest.raises(InvalidInputError, match="allowed-media-domains"):
+        only_example.fetch("http://example.com.evil.test/image")
+
+
+def test_redirects_are_limited_and_each_target_is_checked(http_server):
+    base, payload = http_server
+    port = base.rsplit(":", 1)[1]
+    allowed = MediaConnector(allow_http=True, http_policy=LOOPBACK_ALLOWED)
+    assert allowed.fetch(f"{base}/redirect/2") == payload
+    with pytest.raises(InvalidInputError, match="more than 3 times"):
+        allowed.fetch(f"{base}/redirect/4")
+    # allowed to reach 127.0.0.1 by name, but the redirect leads to localhost, which the list does not admit
+    listed = MediaConnector(
+        allow_http=True, http_policy=MediaPolicy(allowed_domains=("127.0.0.1",), allow_private_addresses=True)
+    )
+    with pytest.raises(InvalidInputError, match="allowed-media-domains"):
+        listed.fetch(f"{base}/redirect-to/http://localhost:{port}/image")
+
+
+def test_a_fifo_or_device_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    media = MediaConnector(allowed_local_media_path=str(tmp_path), timeout_s=5)
+    started = time.monotonic()
+    with pytest.raises(InvalidInputError, match="not a regular file"):
+        media.fetch(f"file://{fifo}")
+    assert time.monotonic() - started < 2
+
+
+def test_a_request_budget_counts_bytes_before_reading(tmp_path):
+    data = np.random.default_rng(3).bytes(4000)
+    (tmp_path / "a.bin").write_bytes(data)
+    media = MediaConnector(allowed_local_media_path=str(tmp_path))
+    budget = MediaBudget(10_000)
+    assert media.fetch(str(tmp_path / "a.bin"), budget) == data
+    assert media.fetch(str(tmp_path / "a.bin"), budget) == data
+    with pytest.raises(InvalidInputError, match="per request"):
+        media.fetch(str(tmp_path / "a.bin"), budget)
 
 
 def test_local_files_only_under_the_allowed_directory(tmp_path):

@@ -58,6 +58,12 @@ class EngineArgs:
     """space: resource-utility curves from `spaceserve profile` (default: a small grid profiled at start-up)."""
     slo_tpot_ms: float = 50.0
     slo_ttft_ms: float = 2000.0
+    encoder_process: bool = False
+    """Run the vision encoder in a process of its own (mps always does; streams/space on request)."""
+    encoder_mps_percentage: int | None = None
+    """mps: the encoder process's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (default 36)."""
+    lm_mps_percentage: int | None = None
+    """mps: the LM (engine-core) process's (default: 100 minus the encoder's)."""
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
@@ -115,6 +121,9 @@ class EngineArgs:
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
             encoder_sms=_parse_sm_counts(self.encoder_sms),
+            encoder_process=self.encoder_process or self.multiplex == "mps",
+            encoder_mps_percentage=self.encoder_mps_percentage,
+            lm_mps_percentage=self.lm_mps_percentage,
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
             core_preprocess_min_pixels=self._core_preprocess_min_pixels(device),
             attention_backend=self.attention_backend,
@@ -208,7 +217,27 @@ class EngineArgs:
             default="time",
             choices=list(MULTIPLEX_MODES),
             help="time: encoder inside the engine step (vLLM v1); streams: concurrent on its own CUDA stream; "
-            "space: concurrent on a disjoint SM partition (green contexts); auto: space where possible, else time",
+            "space: concurrent on a disjoint SM partition (green contexts); mps: the encoder in a process of its own "
+            "under an NVIDIA MPS daemon, each process capped by an active-thread percentage; auto: space where "
+            "possible, else time",
+        )
+        parser.add_argument(
+            "--encoder-process",
+            action="store_true",
+            help="streams/space: run the vision encoder in a process of its own (on a GPU: under an MPS daemon, see "
+            "scripts/mps_daemon.sh); mps always does",
+        )
+        parser.add_argument(
+            "--encoder-mps-percentage",
+            type=int,
+            default=None,
+            help="mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the encoder process (default 36)",
+        )
+        parser.add_argument(
+            "--lm-mps-percentage",
+            type=int,
+            default=None,
+            help="mps: that of the LM (engine-core) process (default: 100 minus the encoder's)",
         )
         parser.add_argument(
             "--encoder-sms",

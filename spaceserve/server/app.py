@@ -58,10 +58,15 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         """200 while the engine serves (with data parallelism, a body saying ok or degraded and each replica's
-        state); 503 once nothing can serve."""
+        state); 503 once nothing can serve, or while a part of the engine is down (its encoder process: requests
+        with images fail, text is still served)."""
         state = engine.health()
         if state["status"] == "dead":
             return JSONResponse({"status": "unhealthy", "error": state["error"]}, status_code=503)
+        try:
+            await engine.check_health()  # asks the core(s): an encoder process that died
+        except Exception as exc:  # noqa: BLE001 - any failure is an unhealthy engine, reported with its reason
+            return JSONResponse({"status": "unhealthy", "error": str(exc)}, status_code=503)
         if "replicas" in state:
             return JSONResponse(state, status_code=200)
         return Response(status_code=200)

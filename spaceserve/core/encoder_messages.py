@@ -11,6 +11,9 @@ from typing import Any
 
 import msgspec
 
+ENCODER_UNAVAILABLE_PREFIX = "encoder unavailable: "
+"""Starts the error of a request failed because the encoder process died (a server answers it with a 503)."""
+
 
 class EncodeItem(msgspec.Struct, array_like=True, omit_defaults=True):
     """One image or video of a batch, as MultiModalFeature (core/multimodal.py) without its place in a prompt."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from spaceserve.config import EngineConfig
+from spaceserve.core.encoder_messages import ENCODER_UNAVAILABLE_PREFIX
 from spaceserve.core.engine_messages import EngineCoreOutput, EngineCoreStats, FinishReason
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.request import Request, RequestStatus
@@ -346,7 +347,8 @@ class EngineCore:
         for request in failed:
             self._forget(request)
             request.finished_time = now
-            outputs.append(self._output(request, [], error=f"{reason}; this request's images cannot be encoded"))
+            error = f"{ENCODER_UNAVAILABLE_PREFIX}{reason}; this request's images cannot be encoded"
+            outputs.append(self._output(request, [], error=error))
         return outputs
 
     def _take_video_events(self) -> list[EngineCoreOutput]:

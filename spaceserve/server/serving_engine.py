@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
+from spaceserve.core.encoder_messages import ENCODER_UNAVAILABLE_PREFIX
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
@@ -59,8 +60,10 @@ def sse_error(message: str, error_type: str = "InternalServerError", code: int |
 
 def request_failed(output: RequestOutput) -> OpenAIServingError:
     """The error of a request the engine accepted and then failed (its video could not be decoded): a 400 naming
-    the problem with the input, or a 500 when a decoder or device failed."""
+    the problem with the input, a 500 when a decoder or device failed, a 503 when the encoder process is gone."""
     message = output.error or "the request failed"
+    if message.startswith(ENCODER_UNAVAILABLE_PREFIX):
+        return OpenAIServingError(message, status_code=503, type="ServiceUnavailableError")
     if message.startswith(DECODE_FAILURE_PREFIX):
         return OpenAIServingError(message, status_code=500, type="InternalServerError")
     return OpenAIServingError(message, param="messages")

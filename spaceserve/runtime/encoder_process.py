@@ -102,7 +102,7 @@ class ProcessEncoderWorker:
         self.device = device
         self.max_in_flight = max_in_flight
         self.stats = ProcessEncoderStats()
-        self.dead_error: EncoderProcessDiedError | None = None
+        self._dead_error: EncoderProcessDiedError | None = None
         self._closed = False
         self._in_flight: dict[int, _InFlight] = {}
         self._free_slots = list(range(max_in_flight))
@@ -153,6 +153,13 @@ class ProcessEncoderWorker:
     # ---- the worker contract ---------------------------------------------------------------------------------
 
     @property
+    def dead_error(self) -> EncoderProcessDiedError | None:
+        """Set once the process has ended (checked on every read: a waitpid, microseconds), so an idle engine
+        reports a death too."""
+        self._check_alive()
+        return self._dead_error
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
@@ -162,7 +169,7 @@ class ProcessEncoderWorker:
 
     @property
     def has_room(self) -> bool:
-        return self.dead_error is None and not self._closed and bool(self._free_slots)
+        return not self._closed and bool(self._free_slots) and self.dead_error is None
 
     def submit(self, batch: EncoderBatch, stream: torch.cuda.Stream | None, on_full_device: bool = False,
                split: SMPartition | None = None) -> None:
@@ -299,23 +306,23 @@ class ProcessEncoderWorker:
 
     def _check_alive(self, force_dead: bool = False) -> bool:
         """False (and dead_error set) once the process has ended."""
-        if self.dead_error is not None:
+        if self._dead_error is not None:
             return False
         if self._closed or self.process is None:
             return True
         code = self.process.poll()
         if code is None and not force_dead:
             return True
-        self.dead_error = EncoderProcessDiedError(
+        self._dead_error = EncoderProcessDiedError(
             f"the encoder process (pid {self.process.pid}) died (exit code {code}); images can no longer be encoded"
             if code is not None else f"the encoder process (pid {self.process.pid}) is not reachable"
         )
-        logger.error("%s", self.dead_error)
+        logger.error("%s", self._dead_error)
         return False
 
     def _lose_all(self) -> list[EncodedBatch]:
         now = time.monotonic()
-        lost = [EncodedBatch(f.batch, {}, f.submitted, now, 0.0, f.on_full_device, error=self.dead_error)
+        lost = [EncodedBatch(f.batch, {}, f.submitted, now, 0.0, f.on_full_device, error=self._dead_error)
                 for f in self._in_flight.values()]
         self._in_flight.clear()
         return lost

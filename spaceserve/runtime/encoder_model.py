@@ -56,7 +56,9 @@ def build_vision_model(model_config: ModelConfig, *, directory: Path | None, loa
         loaded = model.visual.load_weights(_vision_tensors(directory))
         missing = {name for name, _ in model.visual.named_parameters()} - loaded
         if missing:
-            raise ConfigError(f"checkpoint in {directory} lacks {len(missing)} vision tensors, e.g. {sorted(missing)[:3]}")
+            raise ConfigError(
+                f"checkpoint in {directory} lacks {len(missing)} vision tensors, e.g. {sorted(missing)[:3]}"
+            )
     else:
         raise ConfigError(f"unknown load_format {load_format!r}; use 'auto' or 'dummy'")
     return model.eval()

@@ -98,7 +98,8 @@ class EncoderWorker:
 
     def submit(self, batch: EncoderBatch, stream: torch.cuda.Stream | None, on_full_device: bool = False,
                split: object = None) -> None:
-        """`split`: the SM split `stream` belongs to; unused here (the stream says where), the process worker needs it."""
+        """`split`: the SM split `stream` belongs to; unused here (the stream says where), the process worker
+        needs it."""
         if not self.has_room:
             raise RuntimeError(f"the encoder worker already has {self._in_flight} batches in flight")
         if not self._thread.is_alive():

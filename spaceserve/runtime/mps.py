@@ -101,8 +101,13 @@ def apply_environment(target: MutableMapping[str, str], changes: Environment) ->
             target[name] = value
 
 
-def prepare_engine_process(config: EngineConfig, *, cuda_available: bool | None = None,
-                           cuda_initialized: bool | None = None, environ: MutableMapping[str, str] | None = None) -> None:
+def prepare_engine_process(
+    config: EngineConfig,
+    *,
+    cuda_available: bool | None = None,
+    cuda_initialized: bool | None = None,
+    environ: MutableMapping[str, str] | None = None,
+) -> None:
     """Called by the engine core before it touches CUDA: refuses an encoder-process mode that cannot run here (no
     CUDA for mps, no MPS daemon on a GPU) and puts the LM's MPS settings into this process's environment."""
     if not config.encoder_process:
@@ -112,8 +117,9 @@ def prepare_engine_process(config: EngineConfig, *, cuda_available: bool | None 
     if not on_cuda:
         if config.multiplex == "mps":
             raise MPSUnavailableError(
-                f"multiplex 'mps' runs the encoder and the LM as NVIDIA MPS clients and needs CUDA; this engine runs on "
-                f"{config.device}. On the CPU, 'streams' with encoder_process puts the encoder in a process of its own"
+                f"multiplex 'mps' runs the encoder and the LM as NVIDIA MPS clients and needs CUDA; this engine runs "
+                f"on {config.device}. On the CPU, 'streams' with encoder_process puts the encoder in a process of its "
+                "own"
             )
         return
     if cuda_available is None or cuda_initialized is None:

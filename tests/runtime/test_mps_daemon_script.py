@@ -8,57 +8,20 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
+from tests.runtime.fake_mps import fake_mps_environment
 
-FAKE_CONTROL = textwrap.dedent("""\
-    #!/usr/bin/env python3
-    import os, socket, sys
-    control = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
-    if sys.argv[1:] == ["-d"]:
-        if os.fork():
-            sys.exit(0)  # like the daemon: the caller returns at once, the daemon runs on
-        os.setsid()
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(control)
-        server.listen(8)
-        with open(os.path.join(os.environ["CUDA_MPS_LOG_DIRECTORY"], "control.log"), "a") as log:
-            log.write(f"[2026-01-01 00:00:00.000 Control {os.getpid()}] Starting control daemon using socket {control}\\n")
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        while True:
-            connection, _ = server.accept()
-            command = connection.recv(64).strip()
-            connection.close()
-            if command == b"quit":
-                os.unlink(control)
-                sys.exit(0)
-    else:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(control)
-        client.sendall(sys.stdin.read().strip().encode())
-        client.close()
-""")
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
 
 
 @pytest.fixture
 def env():
-    with tempfile.TemporaryDirectory(prefix="mpsd", dir="/tmp") as root:
-        bin_dir = Path(root) / "bin"
-        bin_dir.mkdir()
-        fake = bin_dir / "nvidia-cuda-mps-control"
-        fake.write_text(FAKE_CONTROL)
-        fake.chmod(0o755)
-        (bin_dir / "python3").symlink_to(sys.executable)
-        yield {"PATH": f"{bin_dir}:/usr/bin:/bin", "SPACESERVE_MPS_DIR": f"{root}/d", "MPS_WAIT_S": "5", "HOME": root}
+    with fake_mps_environment() as environment:
+        yield environment
 
 
 def _run(command: str, env: dict) -> subprocess.CompletedProcess:

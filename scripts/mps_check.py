@@ -408,12 +408,13 @@ def summarize(out: Path) -> str:
             "copy_out_us_per_batch": _per(c, "encoder_copy_out_s", "encoder_batches", 1e6),
         }  # fmt: skip
         summary_rows.append(entry)
+        gap = "-" if entry["gpu_gap_fraction"] is None else f"{entry['gpu_gap_fraction'] * 100:.1f}%"
         lines.append(
             f"| {entry['mode']} | {entry['completed']}/{entry['failed']} | {_fmt(entry['mean_tpot_ms'])} | "
             f"{_fmt(entry['p99_tpot_ms'])} | {_fmt(entry['p50_ttft_ms'], 0)} | {_fmt(entry['p99_ttft_ms'], 0)} | "
             f"{_fmt(entry['mean_batch'], 1)} | {_fmt(entry['lm_host_ms_per_step'])} | "
             f"{_fmt(entry['lm_wait_ms_per_step'])} | "
-            f"{_fmt(None if entry['gpu_gap_fraction'] is None else entry['gpu_gap_fraction'] * 100, 1)}% | "
+            f"{gap} | "
             f"{_fmt(entry['encoder_launch_ms_per_batch'])} | {entry['encoder_batches']} | "
             f"{_fmt(entry['copy_out_us_per_batch'], 1)} |"
         )  # fmt: skip

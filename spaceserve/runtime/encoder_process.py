@@ -80,6 +80,9 @@ class EncoderBatchError(SpaceServeError, RuntimeError):
 
 @dataclass
 class ProcessEncoderStats(EncoderWorkerStats):
+    """The thread's totals, as the core sees them: `launch_s` is the encoder process's own launch time, `busy_s`
+    runs from submit to the rows being ready (queueing behind the batch ahead included)."""
+
     copy_out_s: float = 0.0
     """Host time the core spent copying rows out of the ring (the copy and its wait)."""
     copy_out_bytes: int = 0

@@ -15,6 +15,7 @@ longer encode images is unhealthy, not dead: `check_health` says so, and /health
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
 _IDLE_DECODE_WAIT_S = 0.01
 _IDLE_ENCODER_WAIT_S = 0.002
 REQUEST_TIMESTAMPS = (
@@ -153,7 +155,11 @@ class EngineCore:
         # space: the SM allocator picks each encoder batch's split and each LM step's prefill chunk from measured
         # resource-utility curves (--sm-curves, or a short profile of this engine's splits now)
         self.allocation: SMAllocation | None = None
-        if self.layout.partitions:
+        if self.layout.partitions and self.layout.encoder_process and config.allocation.sm_curves is None:
+            # the start-up profile times the encoder in this process, which has no tower: curves come from a file
+            logger.info("space with the encoder in a process of its own and no --sm-curves file: the fixed split "
+                        "policy picks each batch's split")
+        elif self.layout.partitions:
             self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling

@@ -9,8 +9,10 @@ from spaceserve.core.errors import ConfigError
 from spaceserve.models.config import ImageProcessorConfig, ModelConfig
 
 EncoderPolicy = Literal["fcfs", "twsrft"]
-MultiplexMode = Literal["time", "streams", "space", "auto"]
-MULTIPLEX_MODES: tuple[str, ...] = ("time", "streams", "space", "auto")
+MultiplexMode = Literal["time", "streams", "space", "mps", "auto"]
+MULTIPLEX_MODES: tuple[str, ...] = ("time", "streams", "space", "mps", "auto")
+ENCODER_PROCESS_MODES: tuple[str, ...] = ("streams", "space", "mps")
+"""The modes whose encoder can run in a process of its own (mps always does)."""
 DATA_PARALLEL_BACKENDS: tuple[str, ...] = ("mp", "ray")
 ROUTER_POLICIES: tuple[str, ...] = ("cache_aware", "least_loaded", "round_robin")
 
@@ -171,7 +173,16 @@ class EngineConfig:
     multiplex: MultiplexMode = "time"
     """time: the encoder runs inside the engine step on the whole device (vLLM v1); streams: concurrently, on a
     CUDA stream of its own with no SM fence (on CPU: a worker thread); space: concurrently, on a disjoint SM
-    partition (green contexts); auto: space where green contexts work, otherwise time."""
+    partition (green contexts); mps: concurrently, in a process of its own under an NVIDIA MPS daemon, each process
+    capped by an active-thread percentage (the SpaceServe paper's baseline); auto: space where green contexts work,
+    otherwise time."""
+    encoder_process: bool = False
+    """Run the vision encoder in a process of its own (one per GPU; embeddings come back through CUDA IPC, or shared
+    memory on the CPU). mps always does; streams and space may (on a GPU, under an MPS daemon)."""
+    encoder_mps_percentage: int | None = None
+    """mps: the encoder process's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; None: runtime/mps.py's default."""
+    lm_mps_percentage: int | None = None
+    """mps: the engine-core (LM) process's; None: 100 minus the encoder's."""
     encoder_sms: tuple[int, ...] = ()
     """space: the SM splits to choose from, as SMs given to the encoder while it has work (each rounded up to the
     device's granularity). The smallest is used while the LM is busy, the largest while it runs few sequences;
@@ -205,3 +216,21 @@ class EngineConfig:
             raise ConfigError(f"multiplex must be one of {', '.join(MULTIPLEX_MODES)}, got {self.multiplex!r}")
         if any(count < 1 for count in self.encoder_sms):
             raise ConfigError(f"encoder_sms must be >= 1, got {self.encoder_sms}")
+        if self.multiplex == "mps" and not self.encoder_process:
+            raise ConfigError("multiplex 'mps' runs the encoder in a process of its own: set encoder_process")
+        if self.encoder_process and self.multiplex not in ENCODER_PROCESS_MODES:
+            raise ConfigError(
+                f"encoder_process needs a concurrent mode ({', '.join(ENCODER_PROCESS_MODES)}), got multiplex "
+                f"{self.multiplex!r}: time runs the encoder inside the engine step, and auto must be resolved first"
+            )
+        for name in ("encoder_mps_percentage", "lm_mps_percentage"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.multiplex != "mps":
+                raise ConfigError(
+                    f"{name} applies to multiplex 'mps' only (space fences the processes with green contexts), got "
+                    f"multiplex {self.multiplex!r}"
+                )
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+                raise ConfigError(f"{name} must be a whole percentage in 1..100, got {value!r}")

@@ -200,6 +200,16 @@ class EngineArgs:
     )
     slo_tpot_ms: float = cli_field(50.0, "TPOT the SM allocator keeps decodes within")
     slo_ttft_ms: float = cli_field(2000.0, "TTFT the SM allocator aims for")
+    encoder_process: bool = cli_field(
+        False, "streams/space: run the vision encoder in a process of its own (on a GPU: under an MPS daemon, see "
+        "scripts/mps_daemon.sh); mps always does"
+    )
+    encoder_mps_percentage: int | None = cli_field(
+        None, "mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the encoder process (default 36)"
+    )
+    lm_mps_percentage: int | None = cli_field(
+        None, "mps: that of the LM (engine-core) process (default: 100 minus the encoder's)"
+    )
     attention_backend: str = cli_field(
         "auto", "auto: triton on CUDA, the torch reference elsewhere", choices=["auto", "torch", "triton"]
     )
@@ -290,6 +300,9 @@ class EngineArgs:
             seed=self.seed,
             multiplex=self.multiplex,  # type: ignore[arg-type]
             encoder_sms=_parse_sm_counts(self.encoder_sms),
+            encoder_process=self.encoder_process or self.multiplex == "mps",
+            encoder_mps_percentage=self.encoder_mps_percentage,
+            lm_mps_percentage=self.lm_mps_percentage,
             limit_mm_per_prompt=dict(self.limit_mm_per_prompt or {"image": 16}),
             core_preprocess_min_pixels=self._core_preprocess_min_pixels(device),
             attention_backend=self.attention_backend,

@@ -223,6 +223,16 @@ class AsyncLLM:
         self._raise_if_dead()
         return await asyncio.wrap_future(self._client.call_utility_async(method, *args))
 
+    async def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raises if the engine cannot serve every request: EngineDeadError once the core has died, RuntimeError
+        while the core reports a part of it down (its encoder process died: requests with images fail, others are
+        served) or does not answer within `timeout_s`."""
+        self._raise_if_dead()
+        try:
+            await asyncio.wait_for(self.call_utility("check_health"), timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the engine core did not answer a health check within {timeout_s:g} s") from None
+
     async def run_in_engine(self, fn: Callable[[Any], T]) -> T:
         """Run `fn(engine_core)` between steps and return its result: an in-process core only (multiprocess=False),
         since a function cannot cross into another process."""

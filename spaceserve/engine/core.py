@@ -7,10 +7,15 @@ then the language-model step. `streams` and `space` run the encoder concurrently
 and collects from. Either way the encoder side has one owner, the EncoderStage (queue, cache accounting,
 embeddings, worker, SM split, timing); the LM scheduler prefills a request only up to its first image that is not
 ready. With async scheduling the LM step N+1 is launched before step N is collected.
+
+With `encoder_process` (`mps` always) the worker is a process of its own, started here before the KV cache is sized;
+if it dies, the requests waiting for an image fail with an error and the rest are served (a replica that can no
+longer encode images is unhealthy, not dead: `check_health` says so, and /health with it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from spaceserve.config import EngineConfig
+from spaceserve.core.encoder_messages import ENCODER_UNAVAILABLE_PREFIX
 from spaceserve.core.engine_messages import EngineCoreOutput, EngineCoreStats, FinishReason
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.request import Request, RequestStatus
@@ -30,12 +36,16 @@ from spaceserve.kvcache.kv_manager import KVCacheManager
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
 from spaceserve.profile.sm_curves import engine_curves
+from spaceserve.runtime.encoder_model import release_vision_tower
+from spaceserve.runtime.encoder_process import ProcessEncoderWorker
 from spaceserve.runtime.model_runner import StepHandle
+from spaceserve.runtime.mps import prepare_engine_process
 from spaceserve.sched.allocation_types import Allocation
 from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
 _IDLE_DECODE_WAIT_S = 0.01
 _IDLE_ENCODER_WAIT_S = 0.002
 REQUEST_TIMESTAMPS = (
@@ -93,6 +103,7 @@ class _LaunchedStep:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        prepare_engine_process(config)  # refuses a mode that cannot run here; the LM's MPS settings before CUDA starts
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model_config)
         self.model = build_model(
@@ -105,15 +116,25 @@ class EngineCore:
         )
         # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
         self.layout = resolve_layout(config, self.device)
-        # profiles memory on CUDA, captures vision CUDA graphs (per encoder stream), sizes and allocates the KV cache,
-        # captures decode CUDA graphs (per LM stream)
-        self.model_runner, vision_graphs, self.memory_plan = build_runners(
-            config, self.model, self.dtype, self.device, self.layout
-        )
+        encoder_process = None
+        if self.layout.encoder_process:
+            release_vision_tower(self.model)  # the encoder process builds its own
+            encoder_process = ProcessEncoderWorker(config, self.layout, self.device, self.dtype)
+        try:
+            # profiles memory on CUDA, captures vision CUDA graphs (per encoder stream), sizes and allocates the KV
+            # cache, captures decode CUDA graphs (per LM stream)
+            self.model_runner, vision_graphs, self.memory_plan = build_runners(
+                config, self.model, self.dtype, self.device, self.layout
+            )
+        except BaseException:
+            if encoder_process is not None:
+                encoder_process.shutdown()
+            raise
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.encoder_stage = EncoderStage(
-            config.encoder, self.model, self.device, self.layout, config.image_config, vision_graphs=vision_graphs
+            config.encoder, self.model, self.device, self.layout, config.image_config, vision_graphs=vision_graphs,
+            worker=encoder_process,
         )
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
@@ -134,7 +155,11 @@ class EngineCore:
         # space: the SM allocator picks each encoder batch's split and each LM step's prefill chunk from measured
         # resource-utility curves (--sm-curves, or a short profile of this engine's splits now)
         self.allocation: SMAllocation | None = None
-        if self.layout.partitions:
+        if self.layout.partitions and self.layout.encoder_process and config.allocation.sm_curves is None:
+            # the start-up profile times the encoder in this process, which has no tower: curves come from a file
+            logger.info("space with the encoder in a process of its own and no --sm-curves file: the fixed split "
+                        "policy picks each batch's split")
+        elif self.layout.partitions:
             self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling
@@ -189,6 +214,7 @@ class EngineCore:
         stage = self.encoder_stage
         if stage.concurrent:
             encoded = stage.collect()
+            failed += self._fail_unencodable()
         else:
             encoder_start = time.monotonic()
             encoded = stage.run_inline(self.model_runner.stream)
@@ -319,6 +345,22 @@ class EngineCore:
                 f"requests, {stage.scheduler.num_queued_items} images queued, none can be scheduled"
             )
 
+    def _fail_unencodable(self) -> list[EngineCoreOutput]:
+        """Finish with an error the requests waiting for images the encoder can no longer encode (its process died);
+        their KV blocks and encoder-cache references are freed like an abort's."""
+        request_ids, reason = self.encoder_stage.take_failed_requests()
+        if not request_ids:
+            return []
+        failed = self.scheduler.finish_requests(sorted(request_ids), RequestStatus.FINISHED_ERROR)
+        now = time.monotonic()
+        outputs = []
+        for request in failed:
+            self._forget(request)
+            request.finished_time = now
+            error = f"{ENCODER_UNAVAILABLE_PREFIX}{reason}; this request's images cannot be encoded"
+            outputs.append(self._output(request, [], error=error))
+        return outputs
+
     def _take_video_events(self) -> list[EngineCoreOutput]:
         """Hand decoded video chunks to the encoder (video_jobs.py); end the requests whose video failed."""
         outputs = []
@@ -352,7 +394,12 @@ class EngineCore:
             "memory_plan_summary": self.memory_plan.summary(),
             "device": str(self.device),
             "dtype": str(self.dtype),
+            **({"encoder_process": self.encoder_stage.worker.info} if self.layout.encoder_process else {}),
         }
+
+    def check_health(self) -> None:
+        """Raises if the engine cannot serve every kind of request (its encoder process died)."""
+        self.encoder_stage.check_health()
 
     def stats(self) -> EngineCoreStats:
         kv = self.kv_manager
@@ -413,6 +460,7 @@ UTILITY_METHODS = frozenset(
         "kv_block_counts",
         "video_stats",
         "check_idle_integrity",
+        "check_health",
         "has_unfinished_requests",
     }
 )

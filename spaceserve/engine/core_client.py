@@ -44,6 +44,7 @@ from spaceserve.core.errors import SpaceServeError
 from spaceserve.core.request import Request
 from spaceserve.engine.serial import MessageDecoder, MessageEncoder
 from spaceserve.engine.wire import request_to_wire
+from spaceserve.runtime.mps import apply_environment, lm_process_environment
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ class MPClient(CoreClient):
         env = {**os.environ, **env}
         package_root = str(Path(spaceserve.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        apply_environment(env, lm_process_environment(config))  # mps: read when the core's CUDA context is made
         command = [
             sys.executable, "-m", "spaceserve.engine.core_proc", config_path, input_address, output_address,
             str(logging.getLogger("spaceserve").getEffectiveLevel()),

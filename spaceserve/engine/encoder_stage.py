@@ -12,10 +12,16 @@ In `space` each batch runs on the encoder side of the split the split policy pic
 the LM had nothing to run, which gets the whole device (a lone request's image is encoded as fast as `time` would).
 Batches in flight together share one split, and the LM runs on that split's other side while they are in flight.
 
-Everything here runs on the engine thread; the worker thread only executes. Both loops are Python threads: when
-the LM thread returns from its device wait it needs the GIL, which the encoder thread may hold while launching
-the vision tower, and CPython hands it over only every switch interval (5 ms by default, as long as a decode step),
-so a concurrent stage lowers the interval to `GIL_SWITCH_INTERVAL_S` for the process.
+Everything here runs on the engine thread; the worker only executes. The worker is a thread of this process
+(runtime/encoder_worker.py) or, with `encoder_process` (`mps` always), a process of its own
+(runtime/encoder_process.py) behind the same contract. A thread shares the GIL: when the LM thread returns from its
+device wait it needs the GIL, which the encoder thread may hold while launching the vision tower, and CPython hands
+it over only every switch interval (5 ms by default, as long as a decode step), so a stage with a worker thread
+lowers the interval to `GIL_SWITCH_INTERVAL_S` for the process.
+
+If the encoder process dies, the batches it had are lost: their cache entries are dropped, and every request that
+waits for an image it can no longer get (those batches' and any queued one's) is handed to the engine core to fail
+(`take_failed_requests`), which keeps serving the rest; `check_health` reports it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from spaceserve.core.scheduler_output import EncoderBatch
 from spaceserve.kvcache.encoder_cache import EncoderCache
 from spaceserve.models.config import ImageProcessorConfig
 from spaceserve.runtime.embedding_store import EmbeddingStore
+from spaceserve.runtime.encoder_process import EncoderProcessDiedError, ProcessEncoderStats, ProcessEncoderWorker
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
@@ -53,6 +60,10 @@ class EncoderFailedError(RuntimeError):
     """The vision tower raised while encoding a batch (a device fault, not bad input: inputs were validated)."""
 
 
+class EncoderUnavailableError(RuntimeError):
+    """The encoder's process has died: requests that need an image encoded fail; the rest are served."""
+
+
 class EncoderStage:
     def __init__(
         self,
@@ -62,7 +73,10 @@ class EncoderStage:
         layout: ExecutionLayout,
         image_config: ImageProcessorConfig,
         vision_graphs: VisionCUDAGraphs | None = None,
+        worker: ProcessEncoderWorker | None = None,
     ) -> None:
+        """`worker`: an encoder process already started (the core starts it before it sizes its KV cache); without
+        one, a concurrent layout gets a worker thread."""
         self.device = device
         self.layout = layout
         self.cache = EncoderCache(config.cache_tokens)
@@ -73,10 +87,11 @@ class EncoderStage:
         # CUDA events recorded after inline batches, resolved to encoder_end_time once the LM step has synced
         self._end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []
         self._inline_span: GpuSpan | None = None
-        self.worker: EncoderWorker | None = None
+        self.worker: EncoderWorker | ProcessEncoderWorker | None = worker
         self._split: SMPartition | None = None  # the split of the batches in flight (None: whole device / streams)
         self._allocation: SMAllocation | None = None
-        if layout.concurrent:
+        self._lost_request_ids: set[str] = set()  # waiting for batches a dead encoder process lost
+        if worker is None and layout.concurrent:
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
             self.worker = EncoderWorker(self.runner, device)
 
@@ -177,7 +192,7 @@ class EncoderStage:
             else:
                 stream = split.encoder_stream if split is not None else self.layout.encoder_stream
             self._split = split
-            worker.submit(batch, stream, on_full_device)
+            worker.submit(batch, stream, on_full_device, split)
             if on_full_device:
                 return  # a whole-device batch runs alone
 
@@ -194,7 +209,7 @@ class EncoderStage:
             return
         stream = self.layout.encoder_full_stream if on_full_device else split.encoder_stream
         self._split = split
-        self.worker.submit(batch, stream, on_full_device)
+        self.worker.submit(batch, stream, on_full_device, split)
         if self._allocation is not None:
             self._allocation.dispatched(allocation, sms, batch.request_ids)
 
@@ -210,12 +225,41 @@ class EncoderStage:
         if self.worker is None:
             return {}
         stats = self.worker.stats
-        return {
+        counters = {
             "encoder_batches": stats.num_batches,
             "encoder_launch_s": stats.launch_s,
             "encoder_busy_s": stats.busy_s,
             "encoder_full_device_batches": stats.num_full_device_batches,
         }
+        if isinstance(stats, ProcessEncoderStats):
+            counters["encoder_copy_out_s"] = stats.copy_out_s
+            counters["encoder_copy_out_bytes"] = stats.copy_out_bytes
+        return counters
+
+    @property
+    def worker_error(self) -> BaseException | None:
+        """Why the worker can run no more batches (its process died); None while it can."""
+        return self.worker.dead_error if self.worker is not None else None
+
+    def take_failed_requests(self) -> tuple[frozenset[str], str]:
+        """Once the worker is gone: the requests that wait for an image it can no longer encode (those of the
+        batches it lost, and those waiting for a queued image), with the reason; nothing while it is alive."""
+        error = self.worker_error
+        if error is None:
+            return frozenset(), ""
+        failed = set(self._lost_request_ids)
+        self._lost_request_ids.clear()
+        queued = self.scheduler.is_queued
+        failed.update(
+            request_id for request_id, request in self._requests.items()
+            if any(queued(feature.mm_hash) for feature in request.mm_features)
+        )  # fmt: skip
+        return frozenset(failed), str(error)
+
+    def check_health(self) -> None:
+        """Raises EncoderUnavailableError once the worker is gone."""
+        if self.worker_error is not None:
+            raise EncoderUnavailableError(f"the encoder is unavailable: {self.worker_error}")
 
     def check_integrity(self, expect_idle: bool = True) -> None:
         self.cache.check_integrity(expect_idle)
@@ -241,6 +285,11 @@ class EncoderStage:
             self.cache.mark_ready(mm_hash)
 
     def _take(self, done: EncodedBatch) -> None:
+        if isinstance(done.error, EncoderProcessDiedError):
+            for item in done.batch.items:  # pending entries nobody will fill
+                self._lost_request_ids.update(self.cache.drop(item.mm_hash))
+            self._lost_request_ids.update(done.batch.request_ids)
+            return
         if done.error is not None:
             raise EncoderFailedError(f"encoding {len(done.batch.items)} items failed: {done.error!r}") from done.error
         self._store(done.embeddings)

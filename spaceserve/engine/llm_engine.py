@@ -151,6 +151,10 @@ class LLMEngine:
         """With no request in flight, every KV block is free and no encoder-cache entry is referenced."""
         self.call_utility("check_idle_integrity")
 
+    def check_health(self) -> None:
+        """Raises if the engine cannot serve every request (see AsyncLLM.check_health)."""
+        self.call_utility("check_health")
+
     def loop_counters(self) -> dict[str, float]:
         return self.call_utility("loop_counters")
 

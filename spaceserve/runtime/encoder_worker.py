@@ -84,6 +84,7 @@ class EncoderWorker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done = _Completions()
         self._in_flight = 0  # submitted and not yet polled; touched only by the engine thread
+        self.dead_error: BaseException | None = None  # a thread never dies on its own (the process worker's can)
         self._thread = threading.Thread(target=self._run, name="spaceserve-encoder", daemon=True)
         self._thread.start()
 
@@ -95,7 +96,10 @@ class EncoderWorker:
     def has_room(self) -> bool:
         return self._in_flight < self.max_in_flight
 
-    def submit(self, batch: EncoderBatch, stream: torch.cuda.Stream | None, on_full_device: bool = False) -> None:
+    def submit(self, batch: EncoderBatch, stream: torch.cuda.Stream | None, on_full_device: bool = False,
+               split: object = None) -> None:
+        """`split`: the SM split `stream` belongs to; unused here (the stream says where), the process worker
+        needs it."""
         if not self.has_room:
             raise RuntimeError(f"the encoder worker already has {self._in_flight} batches in flight")
         if not self._thread.is_alive():

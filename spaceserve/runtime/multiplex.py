@@ -8,7 +8,13 @@
   or the whole device. The engine's SM allocator (engine/sm_allocation.py) picks among these splits per batch from
   measured curves; `partition_for` (the largest encoder share while the LM runs few sequences, the smallest once it
   runs many) is the fixed policy used when no allocator is attached.
+- mps: the encoder in a process of its own, the LM on a stream of this one, each capped by an NVIDIA MPS
+  active-thread percentage (runtime/mps.py); no SM fence beyond that.
 - auto: space where green contexts work, otherwise time, with the reason.
+
+`encoder_process` (always with mps; on request with streams and space) runs the encoder in a process of its own
+(runtime/encoder_process.py): this process then keeps only the LM's streams (for space: its side of each split, the
+encoder process making the same splits and taking the other side).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class ExecutionLayout:
     """space: a stream over the whole device for encoder batches dispatched while the LM is idle."""
     partitions: tuple[SMPartition, ...] = ()
     """space: the splits, smallest encoder share first."""
+    encoder_process: bool = False
+    """The encoder runs in a process of its own; this process's encoder streams, if any, go unused."""
 
     def partition_for(self, num_running: int) -> SMPartition:
         if not self.partitions:
@@ -82,19 +90,25 @@ class ExecutionLayout:
 
     @property
     def encoder_streams(self) -> tuple[torch.cuda.Stream, ...]:
-        """Every stream the encoder runs on concurrently with the LM (time: none, it runs on the LM's stream)."""
+        """Every stream the encoder runs on concurrently with the LM in this process (time: none, it runs on the
+        LM's stream; none either when it runs in a process of its own)."""
+        if self.encoder_process:
+            return ()
         streams = [self.encoder_stream, self.encoder_full_stream, *(p.encoder_stream for p in self.partitions)]
         return tuple(s for s in streams if s is not None)
 
     @property
     def num_encoder_streams(self) -> int:
-        """Streams the encoder runs on concurrently with the LM (0: inside the LM's step)."""
-        if not self.concurrent:
+        """Streams the encoder runs on concurrently with the LM in this process (0: inside the LM's step, or in a
+        process of its own)."""
+        if not self.concurrent or self.encoder_process:
             return 0
         return max(1, len(self.partitions) + int(self.encoder_full_stream is not None))
 
     def describe(self) -> dict[str, object]:
         described: dict[str, object] = {"multiplex": self.mode, "requested": self.requested, "reason": self.reason}
+        if self.encoder_process:
+            described["encoder_process"] = True
         if self.partitions:
             described["total_sms"] = self.partitions[0].total_sms
             described["splits"] = [{"encoder_sms": p.encoder_sms, "lm_sms": p.lm_sms} for p in self.partitions]
@@ -111,16 +125,23 @@ def resolve_layout(config: EngineConfig, device: torch.device) -> ExecutionLayou
         logger.info("multiplex %s", reason)
     if mode == "time":
         return ExecutionLayout("time", requested, reason, lm_stream=None)
+    in_process = not config.encoder_process
     if device.type != "cuda":
-        if mode == "space":
+        if mode in ("space", "mps"):
+            needs = "CUDA green contexts to partition SMs" if mode == "space" else "CUDA (NVIDIA MPS)"
             raise ConfigError(
-                f"multiplex 'space' needs CUDA green contexts to partition SMs, and this engine runs on {device.type}; "
-                "use 'streams' (the encoder in a worker thread), 'time', or 'auto'"
+                f"multiplex {mode!r} needs {needs}, and this engine runs on {device.type}; use 'streams' (the encoder "
+                "in a worker thread, or with encoder_process in a process of its own), 'time', or 'auto'"
             )
-        return ExecutionLayout("streams", requested, reason + "; on CPU: the encoder in a worker thread", None)
+        where = "a worker thread" if in_process else "a process of its own"
+        return ExecutionLayout("streams", requested, f"{reason}; on CPU: the encoder in {where}", None,
+                               encoder_process=not in_process)
+    if mode == "mps":
+        return ExecutionLayout("mps", requested, reason, lm_stream=torch.cuda.Stream(device), encoder_process=True)
     if mode == "streams":
         return ExecutionLayout(
-            "streams", requested, reason, lm_stream=torch.cuda.Stream(device), encoder_stream=torch.cuda.Stream(device)
+            "streams", requested, reason, lm_stream=torch.cuda.Stream(device),
+            encoder_stream=torch.cuda.Stream(device) if in_process else None, encoder_process=not in_process,
         )
     manager = get_partition_manager(device)
     counts = config.encoder_sms or _default_encoder_sms(device)
@@ -135,6 +156,7 @@ def resolve_layout(config: EngineConfig, device: torch.device) -> ExecutionLayou
         lm_stream=torch.cuda.Stream(device),
         encoder_full_stream=torch.cuda.Stream(device),
         partitions=ordered,
+        encoder_process=not in_process,
     )
 
 

@@ -1,5 +1,9 @@
 """Builds the runners for an engine: attention backend, memory plan (profiling on CUDA), vision CUDA graphs on every
-stream the encoder runs on, KV cache, decode CUDA graphs. The engine calls `build_runners` once at start-up."""
+stream the encoder runs on, KV cache, decode CUDA graphs. The engine calls `build_runners` once at start-up.
+
+With the encoder in a process of its own (layout.encoder_process) this process neither profiles the encoder nor
+captures vision graphs: that process has done both before this one profiles, so the device memory it holds is
+already missing from what the plan finds free."""
 
 from __future__ import annotations
 
@@ -90,13 +94,14 @@ def build_runners(
         profiled = profile_memory(
             CudaMemoryReader(device),
             lambda: runner.profile_run(sched.max_num_batched_tokens, sched.max_model_len, sched.max_num_seqs),
-            lambda: run_largest_encoder_batch(model, config.image_config, config.encoder.budget_tokens, device),
+            (lambda: run_largest_encoder_batch(model, config.image_config, config.encoder.budget_tokens, device))
+            if not layout.encoder_process else None,
             (lambda: runner.profile_decode_step(largest_graph)) if graph_sizes else None,
             cuda_graph_buffer_bytes=largest_graph * text.vocab_size * 4,
         )
         torch.cuda.empty_cache()
     vision_graphs = None
-    buckets = vision_graph_patch_buckets(config, device)
+    buckets = vision_graph_patch_buckets(config, device) if not layout.encoder_process else ()
     if buckets:
         # time mode runs the encoder on the LM's stream, the others on streams of their own
         encoder_streams = layout.encoder_streams if layout.concurrent else (runner.stream,)

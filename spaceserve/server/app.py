@@ -31,7 +31,7 @@ from spaceserve.server.protocol import (
 )
 from spaceserve.server.serving_chat import OpenAIServingChat
 from spaceserve.server.serving_completion import OpenAIServingCompletion
-from spaceserve.server.serving_engine import ENGINE_DEAD_MESSAGE, SERVER_ERROR_MESSAGE
+from spaceserve.server.serving_engine import ENCODER_UNHEALTHY_MESSAGE, ENGINE_DEAD_MESSAGE, SERVER_ERROR_MESSAGE
 from spaceserve.tokenizer.chat_template import ChatTemplate
 
 logger = logging.getLogger("spaceserve.server")
@@ -106,10 +106,16 @@ def create_app(engine: AsyncLLM, args: ServerArgs) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         """200 while the engine serves (with data parallelism, a body saying ok or degraded and each replica's
-        state); 503 once nothing can serve."""
+        state); 503 once nothing can serve, or while a part of the engine is down (its encoder process: requests
+        with images fail, text is still served)."""
         state = engine.health()
         if state["status"] == "dead":
             return JSONResponse({"status": "unhealthy", "error": ENGINE_DEAD_MESSAGE}, status_code=503)
+        try:
+            await engine.check_health()  # asks the core(s): an encoder process that died
+        except Exception as exc:  # noqa: BLE001 - any failure is an unhealthy engine, reported with its reason
+            logger.error("health check failed: %s", exc)
+            return JSONResponse({"status": "unhealthy", "error": ENCODER_UNHEALTHY_MESSAGE}, status_code=503)
         if "replicas" in state:
             return JSONResponse(state, status_code=200)
         return Response(status_code=200)

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from spaceserve import __version__
+from spaceserve.core.encoder_messages import ENCODER_UNAVAILABLE_PREFIX
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.outputs import RequestOutput
 from spaceserve.core.sampling_params import SamplingParams
@@ -28,6 +29,9 @@ from spaceserve.server.protocol import ErrorInfo, ErrorResponse, OpenAIServingEr
 logger = logging.getLogger("spaceserve.server")
 ENGINE_DEAD_MESSAGE = "the engine is not running (it failed or was shut down); see the server log"
 SERVER_ERROR_MESSAGE = "internal server error; see the server log"
+ENCODER_UNHEALTHY_MESSAGE = (
+    "the vision encoder is not running (its process died): requests with images or videos fail; see the server log"
+)
 
 
 @dataclass
@@ -132,8 +136,11 @@ SSE_ENGINE_DEAD = sse_error(ENGINE_DEAD_MESSAGE, "ServiceUnavailableError", 503)
 
 def request_failed(output: RequestOutput) -> OpenAIServingError:
     """The error of a request the engine accepted and then failed (its video could not be decoded): a 400 naming
-    the problem with the input, or a 500 (detail in the server log) when a decoder or device failed."""
+    the problem with the input, a 500 (detail in the server log) when a decoder or device failed, a 503 when the
+    encoder process is gone."""
     message = output.error or "the request failed"
+    if message.startswith(ENCODER_UNAVAILABLE_PREFIX):
+        return OpenAIServingError(message, status_code=503, type="ServiceUnavailableError")
     if message == ADD_FAILURE_MESSAGE:
         return OpenAIServingError(message, status_code=500, type="InternalServerError")
     if message.startswith(DECODE_FAILURE_PREFIX):

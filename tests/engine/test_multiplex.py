@@ -185,7 +185,7 @@ def test_space_on_cpu_refuses_and_auto_falls_back_to_time_saying_why():
 
 def test_bad_multiplex_settings_name_the_problem():
     with pytest.raises(ConfigError, match="multiplex must be one of"):
-        make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="mps")
+        make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="sometimes")
     with pytest.raises(ConfigError, match="encoder_sms must be >= 1"):
         make_llm("tiny-qwen2-vl", max_model_len=256, multiplex="space", encoder_sms=0)
 

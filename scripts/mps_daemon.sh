@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Start, stop or query an NVIDIA MPS control daemon for one run, in a private directory (never the system's
+# /tmp/nvidia-mps), for `--multiplex mps` and `--encoder-process` (see runtime/mps.py and README "Execution modes").
+#
+#   eval "$(scripts/mps_daemon.sh start)"   # starts it; prints the exports its clients need:
+#                                           #   CUDA_MPS_PIPE_DIRECTORY=$DIR/pipe CUDA_MPS_LOG_DIRECTORY=$DIR/log
+#   scripts/mps_daemon.sh status            # exit 0 while it answers, 1 otherwise
+#   scripts/mps_daemon.sh stop              # `echo quit | nvidia-cuda-mps-control`, then waits until it is gone
+#
+# DIR is $SPACESERVE_MPS_DIR, default /tmp/spaceserve-mps-$UID (short: the control socket's path must stay under
+# the 108 bytes a UNIX socket allows). Start it before the processes that should be its clients (a CUDA context
+# made earlier is not an MPS client), and never leave it running: whatever runs under it should stop it on exit,
+#
+#   eval "$(scripts/mps_daemon.sh start)" && trap 'scripts/mps_daemon.sh stop' EXIT
+#
+# (scripts/mps_check.py does the same). `stop` is safe to call when nothing runs. Messages go to stderr; only the
+# exports go to stdout.
+set -uo pipefail
+
+DIR=${SPACESERVE_MPS_DIR:-/tmp/spaceserve-mps-$(id -u)}
+export CUDA_MPS_PIPE_DIRECTORY=$DIR/pipe CUDA_MPS_LOG_DIRECTORY=$DIR/log
+CONTROL=$CUDA_MPS_PIPE_DIRECTORY/control
+WAIT_S=${MPS_WAIT_S:-15}
+
+say() { echo "mps_daemon: $*" >&2; }
+
+answers() {  # the control socket exists and accepts a connection
+    [ -S "$CONTROL" ] || return 1
+    python3 - "$CONTROL" <<'EOF' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(1.0)
+s.connect(sys.argv[1])
+EOF
+}
+
+daemon_pid() {  # from the daemon's log: "[... Control 12345] Starting control daemon ..."
+    sed -n 's/.*Control *\([0-9][0-9]*\)\] Starting control daemon.*/\1/p' "$CUDA_MPS_LOG_DIRECTORY/control.log" \
+        2>/dev/null | tail -n 1
+}
+
+is_daemon() {  # the pid is (still) an MPS control daemon, not a process that reused its number
+    [ -n "$1" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q 'nvidia-cuda-mps-control'
+}
+
+exports() {
+    echo "export CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY=$CUDA_MPS_LOG_DIRECTORY"
+}
+
+case ${1:-} in
+    start)
+        if ! command -v nvidia-cuda-mps-control >/dev/null; then
+            say "nvidia-cuda-mps-control is not on PATH (it ships with the NVIDIA driver)"
+            exit 2
+        fi
+        if answers; then
+            say "already running in $DIR (pid $(daemon_pid))"
+            exports
+            exit 0
+        fi
+        mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+        rm -f "$CONTROL"  # a stale socket of a daemon that died
+        if ! nvidia-cuda-mps-control -d; then
+            say "nvidia-cuda-mps-control -d failed"
+            exit 1
+        fi
+        for _ in $(seq $((WAIT_S * 10))); do
+            if answers; then
+                say "started in $DIR (pid $(daemon_pid))"
+                exports
+                exit 0
+            fi
+            sleep 0.1
+        done
+        say "started, but its control socket $CONTROL does not answer after ${WAIT_S}s; stopping it"
+        "$0" stop
+        exit 1
+        ;;
+    stop)
+        pid=$(daemon_pid)
+        if answers; then
+            echo quit | nvidia-cuda-mps-control >&2 || true
+        fi
+        for _ in $(seq $((WAIT_S * 10))); do
+            if ! answers && ! is_daemon "$pid"; then
+                say "stopped (${DIR})"
+                exit 0
+            fi
+            sleep 0.1
+        done
+        if is_daemon "$pid"; then
+            say "still running after ${WAIT_S}s: terminating its pid $pid"
+            kill "$pid" 2>/dev/null
+            sleep 1
+            is_daemon "$pid" && kill -9 "$pid" 2>/dev/null
+        fi
+        answers && { say "could not stop the daemon in $DIR"; exit 1; }
+        exit 0
+        ;;
+    status)
+        if answers; then
+            say "running in $DIR (pid $(daemon_pid))"
+            exports
+            exit 0
+        fi
+        say "not running in $DIR"
+        exit 1
+        ;;
+    *)
+        echo "usage: $0 start|stop|status   (directory: \$SPACESERVE_MPS_DIR, default /tmp/spaceserve-mps-\$UID)" >&2
+        exit 2
+        ;;
+esac

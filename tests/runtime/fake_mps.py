@@ -1,0 +1,55 @@
+"""A stand-in for nvidia-cuda-mps-control, for testing scripts/mps_daemon.sh and what runs it on the CPU: `-d`
+forks a process that listens on the pipe directory's control socket, logs its pid as the daemon does, and quits
+(removing the socket) on `quit`; without arguments it sends its stdin to that socket, as the control client does."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+FAKE_CONTROL = textwrap.dedent("""\
+    #!/usr/bin/env python3
+    import os, socket, sys
+    control = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
+    if sys.argv[1:] == ["-d"]:
+        if os.fork():
+            sys.exit(0)  # like the daemon: the caller returns at once, the daemon runs on
+        os.setsid()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(control)
+        server.listen(8)
+        with open(os.path.join(os.environ["CUDA_MPS_LOG_DIRECTORY"], "control.log"), "a") as log:
+            log.write(f"[2026-01-01 00:00:00.000 Control {os.getpid()}] Starting control daemon using socket {control}\\n")
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        while True:
+            connection, _ = server.accept()
+            command = connection.recv(64).strip()
+            connection.close()
+            if command == b"quit":
+                os.unlink(control)
+                sys.exit(0)
+    else:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(control)
+        client.sendall(sys.stdin.read().strip().encode())
+        client.close()
+""")
+
+
+@contextmanager
+def fake_mps_environment() -> Iterator[dict[str, str]]:
+    """PATH with the stand-in first, and a private SPACESERVE_MPS_DIR (short: a UNIX socket path is limited)."""
+    with tempfile.TemporaryDirectory(prefix="mpsd", dir="/tmp") as root:
+        bin_dir = Path(root) / "bin"
+        bin_dir.mkdir()
+        fake = bin_dir / "nvidia-cuda-mps-control"
+        fake.write_text(FAKE_CONTROL)
+        fake.chmod(0o755)
+        (bin_dir / "python3").symlink_to(sys.executable)
+        yield {"PATH": f"{bin_dir}:/usr/bin:/bin", "SPACESERVE_MPS_DIR": f"{root}/d", "MPS_WAIT_S": "5", "HOME": root}

@@ -16,6 +16,8 @@ import torch
 
 from spaceserve.config import (
     DATA_PARALLEL_BACKENDS,
+    EXECUTOR_BACKENDS,
+    MM_ENCODER_TP_MODES,
     MULTIPLEX_MODES,
     ROUTER_POLICIES,
     AllocationConfig,
@@ -23,6 +25,7 @@ from spaceserve.config import (
     DataParallelConfig,
     EncoderConfig,
     EngineConfig,
+    ParallelConfig,
     SchedulerConfig,
     VideoConfig,
 )
@@ -90,6 +93,11 @@ class EngineArgs:
     data_parallel_backend: str = "mp"
     ray_address: str | None = None
     router_policy: str = "cache_aware"
+    tensor_parallel_size: int = 1
+    """Split the language model across this many GPUs of this host (one process per rank beyond the first)."""
+    mm_encoder_tp_mode: str = "weights"
+    """weights: the vision tower is split across the ranks too; data: each rank encodes a share of the images."""
+    distributed_executor_backend: str | None = None
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -102,6 +110,12 @@ class EngineArgs:
             load_format = "dummy"  # the tiny presets exist to run without weights
         max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        parallel = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            mm_encoder_tp_mode=self.mm_encoder_tp_mode,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
+        _check_enough_devices(parallel, device)
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
         return EngineConfig(
@@ -163,6 +177,7 @@ class EngineArgs:
                 ray_address=self.ray_address,
                 router_policy=self.router_policy,
             ),
+            parallel=parallel,
         )
 
     def _core_preprocess_min_pixels(self, device: str) -> int | None:
@@ -325,6 +340,27 @@ class EngineArgs:
             "each next twice the one before, up to this many tokens; 0: one chunk per video",
         )
 
+        parser.add_argument(
+            "--tensor-parallel-size",
+            "-tp",
+            type=int,
+            default=1,
+            help="split the language model across this many GPUs of this host (heads, MLP, vocabulary)",
+        )
+        parser.add_argument(
+            "--mm-encoder-tp-mode",
+            default="weights",
+            choices=list(MM_ENCODER_TP_MODES),
+            help="with -tp > 1: weights splits the vision tower across the ranks too; data gives each rank the "
+            "whole tower and a share of each batch's images (embeddings all-gathered)",
+        )
+        parser.add_argument(
+            "--distributed-executor-backend",
+            default=None,
+            choices=list(EXECUTOR_BACKENDS),
+            help="uni: the model in this process (-tp 1); mp: one process per extra rank (default: uni at -tp 1)",
+        )
+
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
@@ -341,6 +377,12 @@ def _checked_curves_file(path: str | None) -> str | None:
     except CurvesError as exc:
         raise ConfigError(f"--sm-curves: {exc}") from None
     return str(path)
+def _check_enough_devices(parallel: ParallelConfig, device: str) -> None:
+    tp = parallel.tensor_parallel_size
+    if tp > 1 and torch.device(device).type == "cuda":
+        visible = torch.cuda.device_count()
+        if tp > visible:
+            raise ConfigError(f"tensor_parallel_size {tp} needs {tp} GPUs, {visible} are visible (one rank per GPU)")
 
 
 def _parse_sm_counts(counts: str | int | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +26,12 @@ from spaceserve.engine.encoder_stage import EncoderStage
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
-from spaceserve.models.loader import build_model, resolve_dtype
+from spaceserve.models.loader import resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
 from spaceserve.profile.sm_curves import engine_curves
+from spaceserve.runtime.executor import build_executor
 from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.sched.allocation_types import Allocation
-from spaceserve.runtime.multiplex import resolve_layout
-from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
 
 _IDLE_DECODE_WAIT_S = 0.01
@@ -95,26 +93,14 @@ class EngineCore:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model_config)
-        self.model = build_model(
-            config.model_config,
-            directory=None if config.model_dir is None else Path(config.model_dir),
-            load_format=config.load_format,
-            dtype=self.dtype,
-            device=self.device,
-            seed=config.seed,
-        )
-        # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
-        self.layout = resolve_layout(config, self.device)
-        # profiles memory on CUDA, captures vision CUDA graphs (per encoder stream), sizes and allocates the KV cache,
-        # captures decode CUDA graphs (per LM stream)
-        self.model_runner, vision_graphs, self.memory_plan = build_runners(
-            config, self.model, self.dtype, self.device, self.layout
-        )
+        # the model, where the encoder and the LM run, the memory plan, KV cache and graphs: in this process or across
+        # tensor-parallel ranks (runtime/executor.py); model_runner and encoder_runner keep their one-rank interfaces
+        self.executor = build_executor(config, self.dtype, self.device)
+        self.model, self.layout = self.executor.model, self.executor.layout
+        self.model_runner, self.memory_plan = self.executor.model_runner, self.executor.memory_plan
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.encoder_stage = EncoderStage(
-            config.encoder, self.model, self.device, self.layout, config.image_config, vision_graphs=vision_graphs
-        )
+        self.encoder_stage = EncoderStage(config.encoder, self.device, self.layout, self.executor.encoder_runner)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
         )
@@ -336,6 +322,7 @@ class EngineCore:
         self.video_stage.shutdown()
         if self.video_decoders is not None:
             self.video_decoders.close()
+        self.executor.shutdown()
 
     # ---- introspection (also reachable from another process as utility calls) ----------------------------
 

@@ -29,8 +29,11 @@ class SamplingMetadata:
     """(row, generator) of each seeded random row; the other random rows use the device's default generator."""
 
 
-def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """logits [R, vocab] float32 (masked in place) -> token ids [R] int64 on the same device."""
+def sample_on_device(
+    logits: torch.Tensor, metadata: SamplingMetadata, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [R, vocab] float32 (masked in place) -> token ids [R] int64 on the same device. Unseeded random rows
+    draw from `generator` (default: the device's), seeded rows from their own."""
     if metadata.banned_flat_ids.numel():
         logits.view(-1).index_fill_(0, metadata.banned_flat_ids, float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
@@ -42,7 +45,7 @@ def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
     if metadata.needs_top_k_top_p:
         scaled = _mask_top_k_top_p(scaled, metadata.top_k, metadata.top_p)
     probs = scaled.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    race = torch.empty_like(probs).exponential_(generator=generator)
     for row, generator in metadata.seeded_generators:
         race[row].exponential_(generator=generator)
     random_tokens = probs.div_(race).argmax(dim=-1)

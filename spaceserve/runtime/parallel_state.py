@@ -75,9 +75,12 @@ class GroupCoordinator:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        gathered = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        gathered = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         _all_gather_single(gathered, x, group=self._device())
         dim = dim % x.dim()
+        if dim == 0:
+            return gathered
+        gathered = gathered.view(self.world_size, *x.shape)
         return gathered.movedim(0, dim).reshape(*x.shape[:dim], -1, *x.shape[dim + 1 :])
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -115,7 +115,6 @@ class EngineArgs:
             mm_encoder_tp_mode=self.mm_encoder_tp_mode,
             distributed_executor_backend=self.distributed_executor_backend,
         )
-        _check_enough_devices(parallel, device)
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
         return EngineConfig(
@@ -377,12 +376,6 @@ def _checked_curves_file(path: str | None) -> str | None:
     except CurvesError as exc:
         raise ConfigError(f"--sm-curves: {exc}") from None
     return str(path)
-def _check_enough_devices(parallel: ParallelConfig, device: str) -> None:
-    tp = parallel.tensor_parallel_size
-    if tp > 1 and torch.device(device).type == "cuda":
-        visible = torch.cuda.device_count()
-        if tp > visible:
-            raise ConfigError(f"tensor_parallel_size {tp} needs {tp} GPUs, {visible} are visible (one rank per GPU)")
 
 
 def _parse_sm_counts(counts: str | int | tuple[int, ...] | None) -> tuple[int, ...]:

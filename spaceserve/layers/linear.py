@@ -107,19 +107,23 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-class _ParallelLinear(nn.Module):
+class LinearBase(nn.Linear):
+    """A linear layer holding this rank's shard of the weight. An nn.Linear (so code looking for linear layers finds
+    it), but its parameters are made here, shaped [local out, local in], and never initialised: a loader fills them."""
+
     def __init__(self, input_size: int, output_size: int, bias: bool, group: GroupCoordinator | None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.group = group or current_tp_group()
         self.tp_rank, self.tp_size = self.group.rank, self.group.world_size
+        self.in_features, self.out_features = input_size, output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}, {self.group!r}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.group!r}"
 
 
-class ColumnParallelLinear(_ParallelLinear):
+class ColumnParallelLinear(LinearBase):
     """y[:, rank's slice] = x W_slice^T + b_slice. `output_sizes` packs several projections, each split on its own;
     their checkpoint tensors load one at a time (shard_id = the part's index) or together (shard_id None)."""
 
@@ -228,7 +232,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return "qkv".index(shard_id)
 
 
-class RowParallelLinear(_ParallelLinear):
+class RowParallelLinear(LinearBase):
     """y = all_reduce(x_slice W[:, slice]^T) + b: x arrives split along its features (a column-parallel layer's
     output); the bias is replicated and added once, after the sum."""
 

@@ -95,6 +95,9 @@ class UniprocExecutor:
     def check_health(self) -> None:
         pass
 
+    def on_failure(self, callback) -> None:
+        pass  # one process: nothing fails apart from it
+
     def shutdown(self) -> None:
         pass
 
@@ -102,7 +105,9 @@ class UniprocExecutor:
 def check_devices(config: EngineConfig) -> None:
     tp = config.parallel.tensor_parallel_size
     if torch.device(config.device).type == "cuda" and tp > torch.cuda.device_count():
-        raise ConfigError(f"tensor_parallel_size {tp} needs {tp} GPUs, {torch.cuda.device_count()} are visible")
+        raise ConfigError(
+            f"tensor_parallel_size {tp} needs {tp} GPUs, {torch.cuda.device_count()} are visible (one rank per GPU)"
+        )
 
 
 _LIVE: weakref.ref | None = None  # the process's running MultiprocExecutor (one per process: one default group)
@@ -123,6 +128,7 @@ class MultiprocExecutor:
         self.device = rank_device(config, 0)
         self._closed = False
         self._failure: RankFailedError | None = None
+        self._failure_callbacks: list[Callable[[RankFailedError], None]] = []
         self._send_lock = threading.Lock()
         self._store = create_store(self.world_size, self.timeout_s)
         self.queue = MessageQueue.create(self.world_size - 1, self._slot_bytes(config))
@@ -357,6 +363,15 @@ class MultiprocExecutor:
         logger.error("%s", self._failure)
         if self.dist is not None and self.device.type == "cuda":
             abort_distributed(self.dist)
+        for callback in list(self._failure_callbacks):
+            try:
+                callback(self._failure)
+            except Exception:  # noqa: BLE001 - a listener's failure must not hide the rank's
+                logger.exception("rank failure callback failed")
+
+    def on_failure(self, callback: Callable[[RankFailedError], None]) -> None:
+        """Call `callback(error)` from the monitor thread when a rank dies (an idle engine learns of it at once)."""
+        self._failure_callbacks.append(callback)
 
     def check_health(self) -> None:
         if self._failure is not None:

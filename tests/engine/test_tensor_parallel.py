@@ -135,11 +135,15 @@ def test_a_rank_that_dies_fails_every_request_and_the_engine_reports_dead():
             async for _ in async_llm.generate("warm", GREEDY, "a"):
                 pass
             procs = await async_llm.run_in_engine(lambda e: e.executor._procs)
-            procs[0].kill()
+            procs[0].kill()  # while idle: the engine learns of it without a request
+            for _ in range(200):
+                if not async_llm.is_running:
+                    break
+                await asyncio.sleep(0.05)
+            assert not async_llm.is_running and "rank 1" in str(async_llm.dead_error)
             with pytest.raises(EngineDeadError, match="rank 1"):
                 async for _ in async_llm.generate("after the death", GREEDY, "b"):
                     pass
-            assert not async_llm.is_running and "rank 1" in str(async_llm.dead_error)
         finally:
             async_llm.shutdown()
 

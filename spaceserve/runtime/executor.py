@@ -47,6 +47,7 @@ from spaceserve.runtime.parallel_state import (
     create_store,
     destroy_distributed,
     init_distributed,
+    time_decode_collectives,
 )
 from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.runtime.shm_broadcast import MessageQueue, PeerDiedError
@@ -285,11 +286,11 @@ class MultiprocExecutor:
             del self._live[mm_hash]
         return dropped
 
-    def collective_rpc(self, method: str) -> list[Any]:
-        """Every rank's answer to `method` (worker.py's rpc_* methods), rank 0's first."""
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's answer to `method(*args)` (worker.py's rpc_* methods; JSON arguments), rank 0's first."""
         self.check_health()
-        self._send(encode_message(MessageKind.RPC, extras={"method": method}))
-        mine = getattr(self, f"_rpc_{method}")()
+        self._send(encode_message(MessageKind.RPC, extras={"method": method, "args": list(args)}))
+        mine = getattr(self, f"_rpc_{method}")(*args)
         gathered = self.dist.tp.gather_objects(mine)
         self.check_health()
         return gathered
@@ -300,6 +301,9 @@ class MultiprocExecutor:
 
     def _rpc_describe(self) -> dict[str, Any]:
         return describe_rank(0, self.model, self.runner, len(self._live))
+
+    def _rpc_time_decode_collectives(self, rows: int, iters: int) -> dict[str, float]:
+        return time_decode_collectives(self.dist.tp, self.model.config.text, rows, iters)
 
     # ---- the worker processes ------------------------------------------------------------------------------------
 

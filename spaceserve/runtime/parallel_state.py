@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
@@ -223,6 +225,49 @@ def abort_distributed(state: DistributedState) -> None:
                 abort()
             except Exception:  # noqa: BLE001 - best effort while failing
                 pass
+
+
+@torch.inference_mode()
+def time_decode_collectives(group: GroupCoordinator, text: Any, rows: int, iters: int = 50) -> dict[str, float]:
+    """The collectives of one decode step of `rows` sequences, alone: the embedding's and two per layer's
+    all-reduces of [rows, hidden] and the logits' all-gather, captured as one CUDA graph on CUDA (as the decode
+    graph runs them) and replayed `iters` times. Every rank must call it together. Milliseconds per step."""
+    import statistics
+    import time
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden = torch.zeros(rows, text.hidden_size, dtype=dtype, device=device)
+    logits = torch.zeros(rows, -(-text.vocab_size // group.world_size), dtype=dtype, device=device)
+
+    def step() -> None:
+        for _ in range(2 * text.num_hidden_layers + 1):
+            group.all_reduce(hidden)
+        group.all_gather(logits, dim=-1)
+
+    samples = []
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                step()
+            graph.replay()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+            for start, end in events:
+                start.record()
+                graph.replay()
+                end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(iters):
+            began = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - began) * 1e3)
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "collectives": 2 * text.num_hidden_layers + 2}
 
 
 def destroy_distributed() -> None:

@@ -34,7 +34,12 @@ from spaceserve.config import EngineConfig
 from spaceserve.models.loader import build_model, resolve_dtype
 from spaceserve.runtime.multiplex import resolve_layout
 from spaceserve.runtime.parallel_encoder import ReplicatedEmbeddings, TensorParallelEncoder, encoder_streams
-from spaceserve.runtime.parallel_state import DistributedState, destroy_distributed, init_distributed
+from spaceserve.runtime.parallel_state import (
+    DistributedState,
+    destroy_distributed,
+    init_distributed,
+    time_decode_collectives,
+)
 from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.runtime.shm_broadcast import MessageQueue, MessageQueueHandle
 from spaceserve.runtime.step_message import Message, MessageKind, decode_message, inputs_from_step
@@ -177,7 +182,7 @@ class Worker:
 
     def _rpc(self, message: Message) -> None:
         method = getattr(self, f"rpc_{message.extras['method']}")
-        self.dist.tp.gather_objects(method())
+        self.dist.tp.gather_objects(method(*message.extras.get("args", ())))
 
     # ---- RPCs (tests and tools) ---------------------------------------------------------------------------------
 
@@ -187,6 +192,9 @@ class Worker:
 
     def rpc_describe(self) -> dict[str, Any]:
         return describe_rank(self.rank, self.model, self.runner, len(self.store))
+
+    def rpc_time_decode_collectives(self, rows: int, iters: int) -> dict[str, float]:
+        return time_decode_collectives(self.dist.tp, self.model.config.text, rows, iters)
 
 
 def describe_rank(rank: int, model: torch.nn.Module, runner, num_embeddings: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from spaceserve import SamplingParams
 from spaceserve.engine.arg_utils import EngineArgs
@@ -148,3 +149,49 @@ def test_a_rank_that_dies_fails_every_request_and_the_engine_reports_dead():
             async_llm.shutdown()
 
     asyncio.run(asyncio.wait_for(serve_then_kill(), timeout=120))
+
+
+# ---- on GPUs (skipped without them; scripts/tp_check.py measures) -------------------------------------------------
+
+CUDA_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_tokens(model: str, prompts, **kwargs):
+    llm = make_llm(model, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8, **kwargs)
+    try:
+        tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)]
+        runner = llm.llm_engine.model_runner
+        return tokens, runner.num_graphed_steps
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA_GPUS < 1, reason="needs a CUDA device")
+def test_one_rank_through_the_multiprocess_path_gives_the_direct_paths_tokens_on_a_gpu(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "qwen2_vl", "qwen2_vl", seed=31)
+    write_tiny_tokenizer(path)
+    prompts = _prompts(seed=4)
+    direct, graphed = _gpu_tokens(str(path), prompts, distributed_executor_backend="uni")
+    multi, multi_graphed = _gpu_tokens(str(path), prompts, distributed_executor_backend="mp")
+    assert multi == direct and graphed > 0 and multi_graphed == graphed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA_GPUS < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("multiplex", ["time", "streams", "space"])
+def test_two_gpus_give_one_gpus_greedy_tokens(multiplex, tmp_path):
+    from spaceserve.runtime.sm_partition import green_context_support
+
+    if multiplex == "space" and green_context_support(torch.device("cuda")) is not None:
+        pytest.skip("no green contexts here")
+    path = make_tiny_checkpoint(tmp_path / "qwen2_5_vl", "qwen2_5_vl", seed=31)
+    write_tiny_tokenizer(path)
+    prompts = _prompts(seed=5)
+    expected, _ = _gpu_tokens(str(path), prompts, multiplex=multiplex, encoder_sms=16)
+    for mode in ("weights", "data"):
+        tokens, graphed = _gpu_tokens(
+            str(path), prompts, multiplex=multiplex, encoder_sms=16, tensor_parallel_size=2, mm_encoder_tp_mode=mode
+        )
+        assert tokens == expected, mode
+        assert graphed > 0  # decode steps replayed graphs with the all-reduce inside, on both ranks

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 _EXTRAS_BYTES = 1 << 20
 """Room in a queue slot for a message's JSON section (image hashes and splices, seeded and released ids)."""
 _SHUTDOWN_JOIN_S = 10.0
+_DEATH_NOTICE_S = 2.0
 
 
 _LIVE: weakref.ref | None = None  # the process's running MultiprocExecutor (one per process: one default group)
@@ -62,7 +63,6 @@ class MultiprocExecutor:
         previous = _LIVE() if _LIVE is not None else None
         if previous is not None and not previous._closed:
             raise ConfigError("one tensor-parallel engine per process: shut the running one down first")
-        destroy_distributed()  # left behind by an executor that was dropped without shutdown
         self.config = config
         parallel = config.parallel
         self.world_size = parallel.tensor_parallel_size
@@ -127,7 +127,7 @@ class MultiprocExecutor:
 
     def launch(self, scheduled: SchedulerOutput, encoder_outputs: Mapping[str, torch.Tensor]) -> StepHandle:
         self.check_health()
-        self._dropped = self._dropped_embeddings(encoder_outputs)
+        self._dropped.extend(self._dropped_embeddings(encoder_outputs))  # sent with the next step that runs
         try:
             return self.runner.launch(scheduled, encoder_outputs)
         except Exception as exc:
@@ -193,7 +193,7 @@ class MultiprocExecutor:
         if self._released:
             extras["released"], self._released = self._released, []
         if self._dropped:
-            extras["dropped"] = self._dropped
+            extras["dropped"], self._dropped = self._dropped, []
         ids = inputs.sampled_request_ids
         for row, _ in inputs.sampling.seeded_generators:
             self._seeded.add(ids[row])
@@ -325,14 +325,13 @@ class MultiprocExecutor:
             raise RankFailedError("the tensor-parallel executor was shut down")
 
     def _raise_failure_from(self, exc: BaseException) -> None:
+        """A call failed: when a rank's death explains it, raise that instead. A collective fails as soon as its
+        peer's sockets close, before the process is reaped, so the monitor gets a moment to see the exit."""
         if isinstance(exc, PeerDiedError) and self._failure is None:
             self._failure = RankFailedError(str(exc))
-        if self._failure is None:
-            deadline = time.monotonic() + 2.0  # a collective failed: give the monitor a moment to see the death
-            while self._failure is None and time.monotonic() < deadline and any(p.is_alive() for p in self._procs):
-                time.sleep(0.01)
-            if self._failure is None and any(not p.is_alive() for p in self._procs):
-                time.sleep(0.1)
+        deadline = time.monotonic() + _DEATH_NOTICE_S
+        while self._failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         if self._failure is not None:
             raise self._failure from exc
 

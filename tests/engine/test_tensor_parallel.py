@@ -95,6 +95,23 @@ def test_two_ranks_give_one_ranks_greedy_tokens(case):
     assert described[1]["stored_embeddings"] == described[0]["stored_embeddings"]
 
 
+def test_four_ranks_replicate_the_two_kv_heads_and_keep_the_tokens(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "qwen2_vl", "qwen2_vl", seed=31)
+    write_tiny_tokenizer(path)
+    prompts = _prompts(seed=6)[:3]
+    tokens = {}
+    for tp in (1, 4):  # 4 ranks: 1 query head each, KV heads 0, 0, 1, 1; 2 vision heads: the data split
+        llm = make_llm(str(path), device="cpu", dtype="float32", tensor_parallel_size=tp, mm_encoder_tp_mode="data")
+        try:
+            tokens[tp] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)]
+            if tp == 4:
+                shapes = [d["kv_cache_shape"] for d in llm.llm_engine.executor.collective_rpc("describe")]
+                assert len(shapes) == 4 and all(shape[3] == 1 for shape in shapes)
+        finally:
+            llm.llm_engine.shutdown()
+    assert tokens[4] == tokens[1]
+
+
 def test_every_rank_samples_the_same_tokens_seeded_or_not():
     llm = make_llm("tiny-qwen2-vl", device="cpu", dtype="float32", tensor_parallel_size=2, mm_encoder_tp_mode="data")
     engine = llm.llm_engine

@@ -122,6 +122,7 @@ def make_engine(args, **overrides) -> LLM:
         cuda_graph_sizes=tuple(sorted(args.batches)),
         kv_cache_memory_bytes=KV_BYTES,
         seed=1,
+        multiprocess=False,  # the engine core in this process: its runner is timed directly
     )
     settings.update(overrides)
     return LLM(args.model, **settings)
@@ -141,7 +142,7 @@ def greedy_tokens(llm: LLM) -> list[list[int]]:
 
 def decode_times(llm: LLM, batches: list[int], context: int, iters: int) -> dict[int, dict]:
     """Per batch: wall ms per decode step (launch + collect, the engine's sync included) and host ms per step."""
-    engine = llm.llm_engine
+    engine = llm.llm_engine.core
     runner = engine.model_runner
     device = engine.device
     rng = np.random.default_rng(0)
@@ -176,15 +177,15 @@ def floor_ms(text, batch: int, context: int, tp: int, bandwidth: float) -> float
 
 
 def encoder_ms(llm: LLM, iters: int = 5) -> float:
-    engine = llm.llm_engine
+    engine = llm.llm_engine.core
     batch = encoder_batch(engine, [(1, 64, 64)] * 4 + [(1, 96, 96)] * 2, np.random.default_rng(3))
     for _ in range(2):
-        engine.encoder_runner.execute(batch)
+        engine.encoder_stage.runner.execute(batch)
     torch.cuda.synchronize(engine.device)
     samples = []
     for _ in range(iters):
         began = time.perf_counter()
-        engine.encoder_runner.execute(batch)
+        engine.encoder_stage.runner.execute(batch)
         torch.cuda.synchronize(engine.device)
         samples.append((time.perf_counter() - began) * 1e3)
     return statistics.median(samples)
@@ -238,7 +239,7 @@ def main() -> int:
     # 3. one GPU: the multi-process path at tp=1 against the direct path
     direct = make_engine(args, distributed_executor_backend="uni")
     text = direct.llm_engine.config.model_config.text
-    vision = direct.llm_engine.config.model_config.vision
+    vision = direct.llm_engine.config.model_config.vision  # the front's config: the same EngineConfig
     direct_tokens = greedy_tokens(direct)
     direct_times = decode_times(direct, args.batches, args.context, args.iters)
     release(direct)
@@ -280,7 +281,8 @@ def main() -> int:
         llm = make_engine(args, tensor_parallel_size=tp, mm_encoder_tp_mode=main_mode)
         tokens = greedy_tokens(llm)
         times = decode_times(llm, args.batches, args.context, args.iters)
-        comm = {b: llm.llm_engine.executor.collective_rpc("time_decode_collectives", b, 50)[0] for b in args.batches}
+        executor = llm.llm_engine.core.executor
+        comm = {b: executor.collective_rpc("time_decode_collectives", b, 50)[0] for b in args.batches}
         entry = {"tokens_identical_to_tp1": tokens == direct_tokens, "decode": times, "collectives": comm}
         mode_ms = {main_mode: encoder_ms(llm)}
         release(llm)

@@ -247,6 +247,10 @@ class EngineCore:
         self.allocation = allocation
         self.encoder_stage.attach_allocation(allocation)
 
+    def check_health(self) -> None:
+        """Raise the error that broke the executor (a tensor-parallel rank that died), if any."""
+        self.executor.check_health()
+
     def has_step_in_flight(self) -> bool:
         return self._in_flight is not None
 
@@ -335,6 +339,7 @@ class EngineCore:
             "memory_plan_summary": self.memory_plan.summary(),
             "device": str(self.device),
             "dtype": str(self.dtype),
+            "parallel": self.executor.describe(),
         }
 
     def stats(self) -> EngineCoreStats:

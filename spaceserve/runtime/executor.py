@@ -66,6 +66,9 @@ class UniprocExecutor:
         self.model_runner, vision_graphs, self.memory_plan = build_runners(config, self.model, dtype, device, self.layout)
         self.encoder_runner = EncoderRunner(self.model, device, config.image_config, vision_graphs)
 
+    def describe(self) -> dict:
+        return {"tensor_parallel_size": 1, "worker_pids": []}
+
     def check_health(self) -> None:
         pass
 

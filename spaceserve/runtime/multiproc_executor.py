@@ -318,6 +318,13 @@ class MultiprocExecutor:
         """Call `callback(error)` from the monitor thread when a rank dies (an idle engine learns of it at once)."""
         self._failure_callbacks.append(callback)
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tensor_parallel_size": self.world_size,
+            "mm_encoder_tp_mode": self.config.parallel.mm_encoder_tp_mode,
+            "worker_pids": [proc.pid for proc in self._procs],
+        }
+
     def check_health(self) -> None:
         if self._failure is not None:
             raise self._failure

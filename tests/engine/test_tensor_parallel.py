@@ -6,6 +6,8 @@ with an error naming it, and the engine reports dead instead of hanging."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import numpy as np
@@ -60,7 +62,7 @@ def case(request, tmp_path_factory):
 
 
 def _run(llm, prompts) -> tuple[list[list[int]], int, int]:
-    engine = llm.llm_engine
+    engine = llm.llm_engine.core
     first = [list(o.outputs[0].token_ids) for o in llm.generate(prompts * 3, GREEDY)]
     hits = engine.kv_manager.prefix_cache_stats.hits
     again = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)]
@@ -81,7 +83,7 @@ def test_two_ranks_give_one_ranks_greedy_tokens(case):
     two = _engine(path, 2, mode, multiplex)
     try:
         tokens, preempted, hits = _run(two, prompts)
-        described = two.llm_engine.executor.collective_rpc("describe")
+        described = two.llm_engine.core.executor.collective_rpc("describe")
     finally:
         two.llm_engine.shutdown()
     assert tokens == expected
@@ -105,7 +107,7 @@ def test_four_ranks_replicate_the_two_kv_heads_and_keep_the_tokens(tmp_path):
         try:
             tokens[tp] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)]
             if tp == 4:
-                shapes = [d["kv_cache_shape"] for d in llm.llm_engine.executor.collective_rpc("describe")]
+                shapes = [d["kv_cache_shape"] for d in llm.llm_engine.core.executor.collective_rpc("describe")]
                 assert len(shapes) == 4 and all(shape[3] == 1 for shape in shapes)
         finally:
             llm.llm_engine.shutdown()
@@ -124,7 +126,7 @@ def test_every_rank_samples_the_same_tokens_seeded_or_not():
         steps = 0
         while engine.has_unfinished_requests():
             engine.step()
-            per_rank = engine.executor.collective_rpc("last_sampled")
+            per_rank = engine.core.executor.collective_rpc("last_sampled")
             assert per_rank[0] == per_rank[1] and per_rank[0]
             steps += 1
         assert steps >= 12
@@ -135,10 +137,9 @@ def test_every_rank_samples_the_same_tokens_seeded_or_not():
 def test_a_rank_that_dies_fails_every_request_and_the_engine_reports_dead():
     llm = make_llm("tiny-qwen2-vl", device="cpu", tensor_parallel_size=2, mm_encoder_tp_mode="data")
     engine = llm.llm_engine
-    worker = engine.executor._procs[0]
     try:
         assert llm.generate("warm up", GREEDY)[0].outputs[0].token_ids
-        worker.kill()
+        os.kill(engine.info["parallel"]["worker_pids"][0], signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(RankFailedError, match="tensor-parallel rank 1 .* exited"):
             llm.generate(["one", "two"], GREEDY)
@@ -147,13 +148,16 @@ def test_a_rank_that_dies_fails_every_request_and_the_engine_reports_dead():
         engine.shutdown()
 
     async def serve_then_kill():
-        engine_args = EngineArgs("tiny-qwen2-vl", device="cpu", tensor_parallel_size=2, mm_encoder_tp_mode="data")
+        # the engine core in a process of its own (the default outside tests): rank 0 there, rank 1 spawned by it
+        engine_args = EngineArgs(
+            "tiny-qwen2-vl", device="cpu", tensor_parallel_size=2, mm_encoder_tp_mode="data", multiprocess=True
+        )
         async_llm = AsyncLLM.from_engine_args(engine_args)
         try:
             async for _ in async_llm.generate("warm", GREEDY, "a"):
                 pass
-            procs = await async_llm.run_in_engine(lambda e: e.executor._procs)
-            procs[0].kill()  # while idle: the engine learns of it without a request
+            pids = (await async_llm.call_utility("describe"))["parallel"]["worker_pids"]
+            os.kill(pids[0], signal.SIGKILL)  # while idle: the core reports it without a request
             for _ in range(200):
                 if not async_llm.is_running:
                     break
@@ -177,7 +181,7 @@ def _gpu_tokens(model: str, prompts, **kwargs):
     llm = make_llm(model, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8, **kwargs)
     try:
         tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)]
-        runner = llm.llm_engine.model_runner
+        runner = llm.llm_engine.core.model_runner
         return tokens, runner.num_graphed_steps
     finally:
         llm.llm_engine.shutdown()

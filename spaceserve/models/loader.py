@@ -50,7 +50,7 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 def iter_checkpoint(directory: Path) -> Iterator[tuple[str, Any]]:
     """(name, safetensors slice) of every tensor: indexing a slice (`[a:b]`, `[:, a:b]`, `[:]`) reads only those
-    bytes, so each rank reads just its shard. A slice is valid until the next item is taken."""
+    bytes from the memory-mapped file (the slice keeps it mapped), so each rank reads just its shard."""
     files = safetensors_files(directory)
     if not files:
         raise ConfigError(f"{directory} holds no *.safetensors weights; use load_format='dummy' for random weights")

@@ -1,8 +1,8 @@
 """One writer (rank 0), several readers (ranks 1..N-1): messages in a ring of shared-memory slots, one semaphore
 per reader to wake it. How every step reaches the other tensor-parallel ranks.
 
-Why shared memory and not a gloo broadcast: on the development host (2 busy cores) a gloo broadcast of 4 KiB took
-343 us per message, a shared-memory write + semaphore wake + reader copy + ack 5.5 us for the round trip
+Why shared memory and not a gloo broadcast: on the development host (2 busy cores), 4-64 KiB messages took
+5.5-11 us per round trip (write, semaphore wake, reader copy, ack) against 180-343 us for a gloo broadcast
 (`scripts/tp_check.py` measures both again on the GPU host). A step message is a copy of the runner's packed
 staging bytes, so readers need no Python objects, only bytes.
 

@@ -108,8 +108,9 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Linear):
-    """A linear layer holding this rank's shard of the weight. An nn.Linear (so code looking for linear layers finds
-    it), but its parameters are made here, shaped [local out, local in], and never initialised: a loader fills them."""
+    """A linear layer holding this rank's shard of the weight, shaped [local out, local in]. An nn.Linear, initialised
+    as one (code looking for linear layers finds it, a tower built bare starts from the same values); a loader or
+    the dummy initialiser fills it for serving."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, group: GroupCoordinator | None) -> None:
         nn.Module.__init__(self)
@@ -117,7 +118,11 @@ class LinearBase(nn.Linear):
         self.tp_rank, self.tp_size = self.group.rank, self.group.world_size
         self.in_features, self.out_features = input_size, output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.group!r}"

@@ -29,6 +29,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = rank * self.rows_per_rank
         self.num_real_rows = max(0, min(self.rows_per_rank, num_embeddings - self.vocab_start))
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False)
+        nn.init.normal_(self.weight)  # as nn.Embedding starts; a loader or the dummy initialiser fills it
         layout = ShardLayout(
             (num_embeddings, embedding_dim),
             ((self.vocab_start, self.num_real_rows),),

@@ -15,6 +15,8 @@ ENCODER_PROCESS_MODES: tuple[str, ...] = ("streams", "space", "mps")
 """The modes whose encoder can run in a process of its own (mps always does)."""
 DATA_PARALLEL_BACKENDS: tuple[str, ...] = ("mp", "ray")
 ROUTER_POLICIES: tuple[str, ...] = ("cache_aware", "least_loaded", "round_robin")
+MM_ENCODER_TP_MODES: tuple[str, ...] = ("weights", "data")
+EXECUTOR_BACKENDS: tuple[str, ...] = ("uni", "mp")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,70 @@ class DataParallelConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks the language model is split across (one GPU each): attention heads, MLP columns and the vocabulary."""
+    mm_encoder_tp_mode: str = "weights"
+    """weights: the vision tower is split across the ranks like the LM; data: each rank holds the whole tower and
+    encodes a share of every batch's items, and the embeddings are all-gathered."""
+    distributed_executor_backend: str | None = None
+    """uni: the model runs in the engine's process (tensor_parallel_size 1 only); mp: one process per rank beyond
+    rank 0, steps broadcast to them (runtime/executor.py). None: uni at size 1, mp above."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in a collective or for a step message before the engine is declared dead."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.mm_encoder_tp_mode not in MM_ENCODER_TP_MODES:
+            raise ConfigError(f"mm_encoder_tp_mode must be 'weights' or 'data', got {self.mm_encoder_tp_mode!r}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be 'uni' or 'mp', got {backend!r}")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"distributed_executor_backend 'uni' runs one rank, but tensor_parallel_size is "
+                f"{self.tensor_parallel_size}; use 'mp'"
+            )
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+
+def check_tensor_parallel(model_config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ConfigError naming the first model dimension the tensor-parallel size cannot split."""
+    tp = parallel.tensor_parallel_size
+    if tp == 1:
+        return
+    text = model_config.text
+    if text.num_attention_heads % tp:
+        raise ConfigError(
+            f"tensor_parallel_size {tp} does not divide the language model's {text.num_attention_heads} attention heads"
+        )
+    kv = text.num_key_value_heads
+    if kv % tp and tp % kv:
+        raise ConfigError(
+            f"tensor_parallel_size {tp} neither divides the {kv} key/value heads nor is a multiple of them "
+            "(fewer KV heads than ranks are replicated, which needs an even spread)"
+        )
+    if text.intermediate_size % tp:
+        raise ConfigError(f"tensor_parallel_size {tp} does not divide the MLP's intermediate size {text.intermediate_size}")
+    if parallel.mm_encoder_tp_mode == "weights":
+        vision = model_config.vision
+        for what, size in (("attention heads", vision.num_heads), ("MLP intermediate size", vision.intermediate_size)):
+            if size % tp:
+                raise ConfigError(
+                    f"tensor_parallel_size {tp} does not divide the vision tower's {what} ({size}); "
+                    "use mm_encoder_tp_mode='data' (each rank encodes whole images)"
+                )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     model_config: ModelConfig
@@ -210,14 +276,22 @@ class EngineConfig:
 
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     """Read by the front only: each replica's engine core gets the default (one engine)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor parallelism inside each engine core (runtime/executor.py)."""
 
     def __post_init__(self) -> None:
+        check_tensor_parallel(self.model_config, self.parallel)
         if self.multiplex not in MULTIPLEX_MODES:
             raise ConfigError(f"multiplex must be one of {', '.join(MULTIPLEX_MODES)}, got {self.multiplex!r}")
         if any(count < 1 for count in self.encoder_sms):
             raise ConfigError(f"encoder_sms must be >= 1, got {self.encoder_sms}")
         if self.multiplex == "mps" and not self.encoder_process:
             raise ConfigError("multiplex 'mps' runs the encoder in a process of its own: set encoder_process")
+        if self.encoder_process and self.parallel.tensor_parallel_size > 1:
+            raise ConfigError(
+                "encoder_process (and multiplex 'mps') runs one encoder process for one GPU; with "
+                f"tensor_parallel_size={self.parallel.tensor_parallel_size} the ranks encode in their own processes"
+            )
         if self.encoder_process and self.multiplex not in ENCODER_PROCESS_MODES:
             raise ConfigError(
                 f"encoder_process needs a concurrent mode ({', '.join(ENCODER_PROCESS_MODES)}), got multiplex "

@@ -20,6 +20,8 @@ import torch
 
 from spaceserve.config import (
     DATA_PARALLEL_BACKENDS,
+    EXECUTOR_BACKENDS,
+    MM_ENCODER_TP_MODES,
     MULTIPLEX_MODES,
     ROUTER_POLICIES,
     AllocationConfig,
@@ -27,6 +29,7 @@ from spaceserve.config import (
     DataParallelConfig,
     EncoderConfig,
     EngineConfig,
+    ParallelConfig,
     SchedulerConfig,
     VideoConfig,
 )
@@ -268,6 +271,17 @@ class EngineArgs:
         "cache_aware", "data parallel: which replica gets a request (cache_aware: the one holding its images or "
         "prefix, bounded by load; least_loaded; round_robin)", choices=list(ROUTER_POLICIES),
     )
+    tensor_parallel_size: int = cli_field(
+        1, "split the language model across this many GPUs of this host (heads, MLP, vocabulary)", aliases=("-tp",)
+    )
+    mm_encoder_tp_mode: str = cli_field(
+        "weights", "with -tp > 1: weights splits the vision tower across the ranks too; data gives each rank the whole "
+        "tower and a share of each batch's images (embeddings all-gathered)", choices=list(MM_ENCODER_TP_MODES),
+    )
+    distributed_executor_backend: str | None = cli_field(
+        None, "uni: the model in this process (-tp 1); mp: one process per extra rank (default: uni at -tp 1)",
+        choices=list(EXECUTOR_BACKENDS),
+    )
 
     def create_engine_config(self) -> EngineConfig:
         resolved = resolve_model(self.model)
@@ -285,6 +299,11 @@ class EngineArgs:
         if self.tokenizer is not None and self.skip_tokenizer_init:
             raise ConfigError("tokenizer and skip_tokenizer_init exclude each other")
         max_model_len = self.max_model_len or resolved.model_config.text.max_position_embeddings
+        parallel = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            mm_encoder_tp_mode=self.mm_encoder_tp_mode,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
         image = resolved.image_config
         largest_image_tokens = image.max_pixels // (image.factor**2)
         return EngineConfig(
@@ -351,6 +370,7 @@ class EngineArgs:
                 ray_address=self.ray_address,
                 router_policy=self.router_policy,
             ),
+            parallel=parallel,
         )
 
     def _core_preprocess_min_pixels(self, device: str) -> int | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,16 +32,13 @@ from spaceserve.engine.encoder_stage import EncoderStage
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
-from spaceserve.models.loader import build_model, resolve_dtype
+from spaceserve.models.loader import resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
 from spaceserve.profile.sm_curves import engine_curves
-from spaceserve.runtime.encoder_model import release_vision_tower
-from spaceserve.runtime.encoder_process import ProcessEncoderWorker
+from spaceserve.runtime.executor import build_executor
 from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.runtime.mps import prepare_engine_process
 from spaceserve.sched.allocation_types import Allocation
-from spaceserve.runtime.multiplex import resolve_layout
-from spaceserve.runtime.runner_setup import build_runners
 from spaceserve.sched.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -106,35 +102,16 @@ class EngineCore:
         prepare_engine_process(config)  # refuses a mode that cannot run here; the LM's MPS settings before CUDA starts
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, config.model_config)
-        self.model = build_model(
-            config.model_config,
-            directory=None if config.model_dir is None else Path(config.model_dir),
-            load_format=config.load_format,
-            dtype=self.dtype,
-            device=self.device,
-            seed=config.seed,
-        )
-        # where the encoder and the LM run (streams, SM partitions); raises ConfigError if the mode cannot run here
-        self.layout = resolve_layout(config, self.device)
-        encoder_process = None
-        if self.layout.encoder_process:
-            release_vision_tower(self.model)  # the encoder process builds its own
-            encoder_process = ProcessEncoderWorker(config, self.layout, self.device, self.dtype)
-        try:
-            # profiles memory on CUDA, captures vision CUDA graphs (per encoder stream), sizes and allocates the KV
-            # cache, captures decode CUDA graphs (per LM stream)
-            self.model_runner, vision_graphs, self.memory_plan = build_runners(
-                config, self.model, self.dtype, self.device, self.layout
-            )
-        except BaseException:
-            if encoder_process is not None:
-                encoder_process.shutdown()
-            raise
+        # the model, where the encoder and the LM run, the memory plan, KV cache and graphs: in this process or across
+        # tensor-parallel ranks (runtime/executor.py); model_runner and encoder_runner keep their one-rank interfaces;
+        # with --encoder-process the executor starts the encoder process before it sizes the KV cache
+        self.executor = build_executor(config, self.dtype, self.device)
+        self.model, self.layout = self.executor.model, self.executor.layout
+        self.model_runner, self.memory_plan = self.executor.model_runner, self.executor.memory_plan
         self.num_kv_blocks = self.memory_plan.num_kv_blocks
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.encoder_stage = EncoderStage(
-            config.encoder, self.model, self.device, self.layout, config.image_config, vision_graphs=vision_graphs,
-            worker=encoder_process,
+            config.encoder, self.device, self.layout, self.executor.encoder_runner, worker=self.executor.encoder_worker
         )
         self.scheduler = Scheduler(
             config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
@@ -287,6 +264,10 @@ class EngineCore:
         self.allocation = allocation
         self.encoder_stage.attach_allocation(allocation)
 
+    def check_ranks(self) -> None:
+        """Raise the error that broke the executor (a tensor-parallel rank that died), if any: fatal for the core."""
+        self.executor.check_health()
+
     def has_step_in_flight(self) -> bool:
         return self._in_flight is not None
 
@@ -382,6 +363,7 @@ class EngineCore:
         self.video_stage.shutdown()
         if self.video_decoders is not None:
             self.video_decoders.close()
+        self.executor.shutdown()
 
     # ---- introspection (also reachable from another process as utility calls) ----------------------------
 
@@ -394,11 +376,14 @@ class EngineCore:
             "memory_plan_summary": self.memory_plan.summary(),
             "device": str(self.device),
             "dtype": str(self.dtype),
+            "parallel": self.executor.describe(),
             **({"encoder_process": self.encoder_stage.worker.info} if self.layout.encoder_process else {}),
         }
 
     def check_health(self) -> None:
-        """Raises if the engine cannot serve every kind of request (its encoder process died)."""
+        """Raises if the engine cannot serve every kind of request: a rank died (fatal), or its encoder process did
+        (requests without images are still served)."""
+        self.check_ranks()
         self.encoder_stage.check_health()
 
     def stats(self) -> EngineCoreStats:

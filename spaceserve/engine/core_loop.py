@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 EMPTY_STEP_WAIT_S = 0.0005
 """After a step that launched nothing and produced nothing (work in flight elsewhere), wait this long for a
 message instead of spinning."""
+IDLE_HEALTH_CHECK_S = 1.0
+"""While idle, how often the loop asks the executor whether its ranks live (a tensor-parallel rank that dies with no
+request in flight is reported then, not at the next request)."""
 
 
 class CoreTransport(Protocol):
@@ -57,7 +60,7 @@ def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: Req
     wait_s: float | None = None
     while True:
         busy = core.has_unfinished_requests()
-        messages = transport.receive(None if not busy else wait_s or 0.0)
+        messages = transport.receive(IDLE_HEALTH_CHECK_S if not busy else wait_s or 0.0)
         for message in messages:
             if isinstance(message, Shutdown):
                 return
@@ -68,6 +71,11 @@ def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: Req
                 transport.send(EngineCoreDead(f"engine core failed: {type(exc).__name__}: {exc}", type(exc).__name__))
                 raise
         if not core.has_unfinished_requests():
+            try:
+                core.check_ranks()
+            except Exception as exc:  # noqa: BLE001 - a rank died while idle: the core can serve nothing more
+                transport.send(EngineCoreDead(f"engine core failed: {type(exc).__name__}: {exc}", type(exc).__name__))
+                raise
             if not idle_reported:
                 transport.send(StepOutputs(EngineCoreOutputs([], core.stats())))
                 idle_reported = True

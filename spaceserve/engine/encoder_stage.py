@@ -37,14 +37,12 @@ from spaceserve.config import EncoderConfig
 from spaceserve.core.request import Request
 from spaceserve.core.scheduler_output import EncoderBatch
 from spaceserve.kvcache.encoder_cache import EncoderCache
-from spaceserve.models.config import ImageProcessorConfig
 from spaceserve.runtime.embedding_store import EmbeddingStore
 from spaceserve.runtime.encoder_process import EncoderProcessDiedError, ProcessEncoderStats, ProcessEncoderWorker
 from spaceserve.runtime.encoder_runner import EncoderRunner
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorker
 from spaceserve.runtime.multiplex import ExecutionLayout
 from spaceserve.runtime.sm_partition import SMPartition
-from spaceserve.runtime.vision_graphs import VisionCUDAGraphs
 from spaceserve.sched.allocation_types import Allocation
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
 
@@ -68,21 +66,20 @@ class EncoderStage:
     def __init__(
         self,
         config: EncoderConfig,
-        model: torch.nn.Module,
         device: torch.device,
         layout: ExecutionLayout,
-        image_config: ImageProcessorConfig,
-        vision_graphs: VisionCUDAGraphs | None = None,
+        runner: EncoderRunner | None,
         worker: ProcessEncoderWorker | None = None,
     ) -> None:
-        """`worker`: an encoder process already started (the core starts it before it sizes its KV cache); without
-        one, a concurrent layout gets a worker thread."""
+        """`runner`: the executor's (one rank's EncoderRunner with its vision graphs, or the tensor-parallel one with
+        its interface; None with an encoder process). `worker`: an encoder process already started (the executor
+        starts it before it sizes its KV cache); without one, a concurrent layout gets a worker thread."""
         self.device = device
         self.layout = layout
         self.cache = EncoderCache(config.cache_tokens)
         self.scheduler = EncoderScheduler(config, self.cache)
         self.embeddings = EmbeddingStore()
-        self.runner = EncoderRunner(model, device, image_config, vision_graphs)
+        self.runner = runner
         self._requests: Mapping[str, Request] = {}
         # CUDA events recorded after inline batches, resolved to encoder_end_time once the LM step has synced
         self._end_events: list[tuple[torch.cuda.Event, frozenset[str]]] = []

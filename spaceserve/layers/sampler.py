@@ -45,14 +45,14 @@ class LogprobsTensors:
 
 
 def sample_with_logprobs(
-    logits: torch.Tensor, metadata: SamplingMetadata
+    logits: torch.Tensor, metadata: SamplingMetadata, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, LogprobsTensors | None]:
     """`sample_on_device`, plus the rows' log-probabilities when any row asked for them (metadata.max_num_logprobs
     set). The model runner calls this once per step."""
     if metadata.max_num_logprobs is None:
-        return sample_on_device(logits, metadata), None
+        return sample_on_device(logits, metadata, generator), None
     raw = logits.float().log_softmax(dim=-1)  # before the in-place masks of sampling
-    tokens = sample_on_device(logits, metadata)
+    tokens = sample_on_device(logits, metadata, generator)
     return tokens, gather_logprobs(raw, tokens, metadata.max_num_logprobs)
 
 
@@ -69,8 +69,11 @@ def gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: int) 
     return LogprobsTensors(token_ids, values, ranks)
 
 
-def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """logits [R, vocab] float32 (masked in place) -> token ids [R] int64 on the same device."""
+def sample_on_device(
+    logits: torch.Tensor, metadata: SamplingMetadata, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [R, vocab] float32 (masked in place) -> token ids [R] int64 on the same device. Unseeded random rows
+    draw from `generator` (default: the device's), seeded rows from their own."""
     if metadata.banned_flat_ids.numel():
         logits.view(-1).index_fill_(0, metadata.banned_flat_ids, float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
@@ -82,7 +85,7 @@ def sample_on_device(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
     if metadata.needs_top_k_top_p:
         scaled = _mask_top_k_top_p(scaled, metadata.top_k, metadata.top_p)
     probs = scaled.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_()
+    race = torch.empty_like(probs).exponential_(generator=generator)
     for row, generator in metadata.seeded_generators:
         race[row].exponential_(generator=generator)
     random_tokens = probs.div_(race).argmax(dim=-1)

@@ -17,6 +17,7 @@ from torch import nn
 from spaceserve.core.errors import ConfigError, InvalidInputError
 from spaceserve.layers.attention.varlen import VarlenSegments, varlen_attention
 from spaceserve.layers.triton_ops import use_fused_ops
+from spaceserve.layers.linear import QKVParallelLinear, RowParallelLinear, load_parameter, shard_layout
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_inputs import VisionInputs, prepare_inputs
 from spaceserve.models.vision_layout import VisionLayout, build_vision_layout
@@ -153,12 +154,14 @@ def apply_activation(x: torch.Tensor, name: str, up: torch.Tensor | None = None)
 
 
 class VisionAttention(nn.Module):
+    """Split by heads across the vision group's ranks in the weights mode (qkv column-, proj row-parallel)."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.qkv = QKVParallelLinear(dim, self.head_dim, num_heads, num_heads, bias=True)
+        self.num_heads = self.qkv.num_heads  # this rank's
+        self.proj = RowParallelLinear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
         num_patches = x.shape[0]
@@ -223,7 +226,8 @@ class VisionTower(nn.Module):
 
 @torch.no_grad()
 def load_module_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Copy named tensors into ``module``'s parameters (cast to each parameter's dtype); returns the names loaded."""
+    """Copy named tensors (or safetensors slices) into ``module``'s parameters, each reading the slice its rank
+    holds and cast to the parameter's dtype; returns the names loaded."""
     params = dict(module.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
@@ -232,10 +236,12 @@ def load_module_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Te
         param = params.get(name)
         if param is None:
             raise ConfigError(f"unknown vision tower weight {name!r} ({type(module).__name__})")
-        if tuple(tensor.shape) != tuple(param.shape):
+        expected = shard_layout(param).full_shape  # a rank's shard is loaded from the unsharded tensor
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.get_shape())
+        if shape != tuple(expected):
             raise ConfigError(
-                f"vision tower weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                f"vision tower weight {name!r} has shape {shape}, the model expects {tuple(expected)}"
             )
-        param.copy_(tensor.to(dtype=param.dtype))
+        load_parameter(param, tensor, name)
         loaded.add(name)
     return loaded

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -100,6 +100,10 @@ class ModelRunner:
         self.num_graphed_steps = 0
         self.num_eager_steps = 0
         self.num_placeholder_tokens_fed = 0
+        # tensor parallel (runtime/multiproc_executor.py): rank 0 hands each step's inputs to the other ranks; every
+        # rank samples unseeded rows from a generator seeded alike, so all ranks draw the same tokens
+        self.step_publisher: Callable[[ModelInputs], None] | None = None
+        self.sampling_generator: torch.Generator | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------
 
@@ -153,37 +157,67 @@ class ModelRunner:
             if self.cuda_graphs is not None and is_graphable(scheduled):
                 padded = self.cuda_graphs.padded_size(len(scheduled.sequences))
             inputs = self.input_batch.prepare(scheduled, pad_to=padded, previous_sampled_rows=self._previous_rows)
-            if inputs.placeholder_rows is not None:
-                fed = self._previous_tokens.index_select(0, inputs.placeholder_sources)
-                inputs.input_ids.index_copy_(0, inputs.placeholder_rows, fed)
-                self.num_placeholder_tokens_fed += fed.shape[0]
-            if padded is not None:
-                logits = self.cuda_graphs.replay(padded)[: len(inputs.sampled_request_ids)]
-                self.num_graphed_steps += 1
-            else:
-                logits = self._eager_logits(inputs, encoder_outputs)
-                self.num_eager_steps += 1
-            if not inputs.sampled_request_ids:
-                if span is not None:
-                    span[1].record()
-                return StepHandle((), None, None, graphed=False, gpu_span=span)
-            tokens, logprobs = sample_with_logprobs(logits, inputs.sampling)
-            self._previous_tokens = tokens
-            self._previous_rows = {request_id: row for row, request_id in enumerate(inputs.sampled_request_ids)}
-            index = self._next_output
-            self._next_output = (index + 1) % _NUM_OUTPUT_BUFFERS
-            done = self._sampled_done[index]
-            if done is not None:
-                done.synchronize()  # the step that last used this buffer has been collected (or at least landed)
-            host = self._sampled_host[index][: tokens.shape[0]]
-            host.copy_(tokens, non_blocking=True)
-            if done is not None:
-                done.record()
+            # --- tensor parallel (runtime/multiproc_executor.py): the other ranks get these inputs before rank 0
+            if self.step_publisher is not None:
+                self.step_publisher(inputs)
+            # ---
+            return self._run_prepared(inputs, encoder_outputs, span, scheduled)
+
+    @torch.inference_mode()
+    def launch_prepared(
+        self, prepare: Callable[[], ModelInputs], encoder_outputs: Mapping[str, torch.Tensor]
+    ) -> StepHandle:
+        """Prepare inputs on the runner's stream by other means than a SchedulerOutput (a tensor-parallel rank
+        rebuilds rank 0's: runtime/worker.py), then run and sample them as `launch` does."""
+        with self._on_stream():
+            return self._run_prepared(prepare(), encoder_outputs, None)
+
+    def _run_prepared(
+        self,
+        inputs: ModelInputs,
+        encoder_outputs: Mapping[str, torch.Tensor],
+        span: tuple[torch.cuda.Event, torch.cuda.Event] | None,
+        scheduled: SchedulerOutput | None = None,
+    ) -> StepHandle:
+        if inputs.placeholder_rows is not None:  # overlapped scheduling: tokens the previous launch sampled
+            fed = self._previous_tokens.index_select(0, inputs.placeholder_sources)
+            inputs.input_ids.index_copy_(0, inputs.placeholder_rows, fed)
+            self.num_placeholder_tokens_fed += fed.shape[0]
+        padded = inputs.padded_size
+        if padded is not None:
+            logits = self.cuda_graphs.replay(padded)[: len(inputs.sampled_request_ids)]
+            self.num_graphed_steps += 1
+        else:
+            logits = self._eager_logits(inputs, encoder_outputs)
+            self.num_eager_steps += 1
+        if not inputs.sampled_request_ids:
             if span is not None:
                 span[1].record()
-        num_logprobs = () if logprobs is None else _num_logprobs(scheduled, inputs.sampled_request_ids)
+            return StepHandle((), None, None, graphed=False, gpu_span=span)
+        tokens, logprobs = sample_with_logprobs(logits, inputs.sampling, self.sampling_generator)
+        self._previous_tokens = tokens
+        self._previous_rows = {request_id: row for row, request_id in enumerate(inputs.sampled_request_ids)}
+        index = self._next_output
+        self._next_output = (index + 1) % _NUM_OUTPUT_BUFFERS
+        done = self._sampled_done[index]
+        if done is not None:
+            done.synchronize()  # the step that last used this buffer has been collected (or at least landed)
+        host = self._sampled_host[index][: tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        if done is not None:
+            done.record()
+        if span is not None:
+            span[1].record()
+        num_logprobs = ()
+        if logprobs is not None and scheduled is not None:  # rank 0 reports them; other ranks only keep step
+            num_logprobs = _num_logprobs(scheduled, inputs.sampled_request_ids)
         return StepHandle(inputs.sampled_request_ids, host, done, graphed=padded is not None, gpu_span=span,
-                          logprobs=logprobs, num_logprobs=num_logprobs)
+                          logprobs=logprobs if scheduled is not None else None, num_logprobs=num_logprobs)
+
+    @property
+    def last_sampled(self) -> torch.Tensor | None:
+        """The last step's sampled ids on the device (every tensor-parallel rank holds its own, equal to rank 0's)."""
+        return self._previous_tokens
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         if handle.sampled_ids is None:

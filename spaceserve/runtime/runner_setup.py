@@ -1,5 +1,7 @@
 """Builds the runners for an engine: attention backend, memory plan (profiling on CUDA), vision CUDA graphs on every
-stream the encoder runs on, KV cache, decode CUDA graphs. The engine calls `build_runners` once at start-up.
+stream the encoder runs on, KV cache, decode CUDA graphs. The executor calls `build_runners` once at start-up, on
+every tensor-parallel rank in lockstep (profiling and graph capture issue collectives); the ranks then agree on the
+smallest KV block count, since rank 0's scheduler hands the same block ids to all.
 
 With the encoder in a process of its own (layout.encoder_process) this process neither profiles the encoder nor
 captures vision graphs: that process has done both before this one profiles, so the device memory it holds is
@@ -8,6 +10,7 @@ already missing from what the plan finds free."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -25,6 +28,7 @@ from spaceserve.runtime.memory_planner import (
 )
 from spaceserve.runtime.model_runner import ModelRunner
 from spaceserve.runtime.multiplex import ExecutionLayout
+from spaceserve.runtime.parallel_state import GroupCoordinator
 from spaceserve.runtime.vision_graphs import GraphCapture, VisionCUDAGraphs, cuda_graph_capture, vision_graph_buckets
 
 logger = logging.getLogger(__name__)
@@ -69,15 +73,17 @@ def build_runners(
     device: torch.device,
     layout: ExecutionLayout,
     vision_graph_capture: GraphCapture = cuda_graph_capture,
+    tp_group: GroupCoordinator | None = None,
 ) -> Runners:
     text = config.model_config.text
+    tp = tp_group.world_size if tp_group is not None else 1
     block_size = config.cache.block_size
     sched = config.scheduler
     backend = get_attention_backend(config.attention_backend, device)
     graph_sizes = decode_graph_sizes(config, backend, device)
     runner = ModelRunner(
         model,
-        allocate_kv_caches(text, 1, block_size, dtype, device),  # a layout to profile with; replaced below
+        allocate_kv_caches(text, 1, block_size, dtype, device, tp),  # a layout to profile with; replaced below
         block_size,
         backend,
         device,
@@ -101,7 +107,9 @@ def build_runners(
         )
         torch.cuda.empty_cache()
     vision_graphs = None
-    buckets = vision_graph_patch_buckets(config, device) if not layout.encoder_process else ()
+    # tensor parallel: the tower runs eagerly (parallel_encoder.py; a graph would hold the weights mode's collectives);
+    # an encoder process captures its own
+    buckets = vision_graph_patch_buckets(config, device) if tp == 1 and not layout.encoder_process else ()
     if buckets:
         # time mode runs the encoder on the LM's stream, the others on streams of their own
         encoder_streams = layout.encoder_streams if layout.concurrent else (runner.stream,)
@@ -114,7 +122,7 @@ def build_runners(
     plan = plan_memory(
         config.cache,
         sched,
-        kv_bytes_per_block(text, block_size, dtype),
+        kv_bytes_per_block(text, block_size, dtype, tp),
         device_type=device.type,
         encoder_cache_bytes=encoder_cache_bytes,
         video_cache_bytes=config.video.cache_bytes if device.type == "cuda" else 0,  # processed videos live there
@@ -124,8 +132,11 @@ def build_runners(
         vision_graph_bytes=vision_graphs.total_memory_bytes if vision_graphs is not None else 0,
         encoder_runs_eagerly=encoder_runs_eagerly(config, vision_graphs),
     )
+    if tp > 1:
+        agreed = tp_group.min_int(plan.num_kv_blocks)
+        plan = replace(plan, num_kv_blocks=agreed, kv_cache_bytes=agreed * plan.bytes_per_block)
     logger.info(plan.summary())
-    runner.initialize_kv_caches(allocate_kv_caches(text, plan.num_kv_blocks, block_size, dtype, device))
+    runner.initialize_kv_caches(allocate_kv_caches(text, plan.num_kv_blocks, block_size, dtype, device, tp))
     if graph_sizes:
         other_streams = tuple(s for s in layout.lm_streams if s != runner.stream)
         runner.capture_cuda_graphs(graph_sizes, other_streams)

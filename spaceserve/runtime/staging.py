@@ -55,6 +55,16 @@ class PackedStep:
         """Enqueue the one host->device copy on the current stream; returns the device views."""
         return self._buffer.copy(self._index, self.nbytes, self._offsets)
 
+    def packed_bytes(self) -> np.ndarray:
+        """The filled host bytes (what `copy` sends): another rank rebuilds the step from them (step_message.py)."""
+        return self._buffer._host_numpy[self._index][: self.nbytes]
+
+    def load(self, packed: np.ndarray) -> None:
+        """Fill the host buffer with another rank's `packed_bytes` of the same fields."""
+        if packed.size != self.nbytes:
+            raise ValueError(f"a packed step of {packed.size} bytes for fields laid out in {self.nbytes}")
+        self._buffer._host_numpy[self._index][: self.nbytes] = packed
+
 
 class StagingBuffer:
     def __init__(self, nbytes: int, device: torch.device, num_host_buffers: int = 2) -> None:
@@ -67,6 +77,8 @@ class StagingBuffer:
         self._host_numpy = [host.numpy() for host in self._hosts]
         self._device_numpy = self._device.numpy() if device.type == "cpu" else None
         self._next = 0
+        self.last_step: PackedStep | None = None
+        """The step begun last (tensor parallel: rank 0 sends its packed bytes to the other ranks)."""
 
     def begin(self, fields: list[Field]) -> PackedStep:
         index = self._next
@@ -74,7 +86,8 @@ class StagingBuffer:
         event = self._copied[index]
         if event is not None:
             event.synchronize()  # the copy that last read this host buffer has run (returns at once when serial)
-        return PackedStep(self, self._hosts[index], index, fields)
+        self.last_step = PackedStep(self, self._hosts[index], index, fields)
+        return self.last_step
 
     def copy(self, index: int, nbytes: int, offsets: dict[str, tuple[int, Field]]) -> dict[str, torch.Tensor]:
         if self._device_numpy is None:

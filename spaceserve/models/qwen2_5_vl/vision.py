@@ -13,6 +13,7 @@ from torch import nn
 
 from spaceserve.core.errors import ConfigError
 from spaceserve.layers.attention.varlen import VarlenSegments
+from spaceserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from spaceserve.layers.norm import RMSNorm
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
@@ -31,9 +32,9 @@ from spaceserve.models.vision_layout import build_vision_layout
 class Qwen2_5_VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=True)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=True)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=True)
+        self.gate_proj = ColumnParallelLinear(dim, hidden_dim, bias=True)
+        self.up_proj = ColumnParallelLinear(dim, hidden_dim, bias=True)
+        self.down_proj = RowParallelLinear(hidden_dim, dim, bias=True)
         activation(hidden_act)  # an unknown name fails here, at construction
         self.hidden_act = hidden_act
 

@@ -1,30 +1,36 @@
-"""The Qwen2 language model with M-RoPE, over a paged KV cache. Shared by Qwen2-VL and Qwen2.5-VL."""
+"""The Qwen2 language model with M-RoPE, over a paged KV cache. Shared by Qwen2-VL and Qwen2.5-VL.
+
+Tensor-parallel when built inside `parallel_state.building_model`: q/k/v and gate/up column-parallel, o_proj and
+down_proj row-parallel (one all-reduce after each), the embedding and the head split by vocabulary rows; each rank
+holds its heads' KV cache. With one rank the layers compute what nn.Linear / nn.Embedding do.
+"""
 
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.layers.activation import SiluAndMul
 from spaceserve.layers.attention import AttentionBackend, AttentionMetadata
+from spaceserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, load_parameter
 from spaceserve.layers.norm import RMSNorm
 from spaceserve.layers.rotary import MRotaryEmbedding, apply_rotary_qk
+from spaceserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding, compute_logits
 from spaceserve.models.config import TextConfig
 
 
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=True
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, cos, sin, kv_cache, metadata: AttentionMetadata, backend: AttentionBackend):
@@ -40,9 +46,9 @@ class Qwen2Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, (cfg.intermediate_size,) * 2, bias=False)
         self.act_fn = SiluAndMul()
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -69,11 +75,11 @@ class Qwen2DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-# checkpoint name -> (our parameter name, shard index) for the projections we fuse
+# checkpoint name -> (our parameter name, the part it is) for the projections we fuse
 _FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
@@ -83,11 +89,11 @@ class Qwen2LanguageModel(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -110,12 +116,13 @@ class Qwen2LanguageModel(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """float32 logits over the whole vocabulary, on every rank."""
+        return compute_logits(hidden, self.embed_tokens if self.lm_head is None else self.lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Names relative to the language model (`layers.0.self_attn.q_proj.weight`, `embed_tokens.weight`,
-        `norm.weight`) plus `lm_head.weight`."""
+        `norm.weight`) plus `lm_head.weight`. Tensors may be safetensors slices: each parameter reads only the
+        slice its rank holds."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -124,24 +131,9 @@ class Qwen2LanguageModel(nn.Module):
             target, shard = _fused_target(name)
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in the language model")
-            param = params[target]
-            with torch.no_grad():
-                if shard is None:
-                    _check_shape(name, param.shape, tensor.shape)
-                    param.copy_(tensor)
-                else:
-                    start, size = self._shard_range(target, shard)
-                    _check_shape(name, param[start : start + size].shape, tensor.shape)
-                    param[start : start + size].copy_(tensor)
+            load_parameter(params[target], tensor, name, shard)
             loaded.add(name)
         return loaded
-
-    def _shard_range(self, target: str, shard: int) -> tuple[int, int]:
-        if "qkv_proj" in target:
-            q = self.cfg.num_attention_heads * self.cfg.head_dim
-            kv = self.cfg.num_key_value_heads * self.cfg.head_dim
-            return [(0, q), (q, kv), (q + kv, kv)][shard]
-        return shard * self.cfg.intermediate_size, self.cfg.intermediate_size
 
     def expected_checkpoint_names(self) -> set[str]:
         """Every checkpoint tensor name this model needs, with fused projections listed by their parts."""
@@ -156,14 +148,10 @@ class Qwen2LanguageModel(nn.Module):
         return names
 
 
-def _fused_target(name: str) -> tuple[str, int | None]:
+def _fused_target(name: str) -> tuple[str, str | int | None]:
     for original, (fused, shard) in _FUSED.items():
         marker = f".{original}."
         if marker in name:
             return name.replace(marker, f".{fused}."), shard
     return name, None
 
-
-def _check_shape(name: str, expected: torch.Size, got: torch.Size) -> None:
-    if expected != got:
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(got)}, the model expects {tuple(expected)}")

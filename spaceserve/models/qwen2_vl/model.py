@@ -10,6 +10,7 @@ from torch import nn
 from spaceserve.models.config import ModelConfig
 from spaceserve.models.qwen2_vl.language import Qwen2LanguageModel
 from spaceserve.models.vision_common import vision_weight_name
+from spaceserve.runtime.parallel_state import building_vision_tower
 
 # Published checkpoints name the LM `model.*`; transformers 4.52-4.57 saved `model.language_model.*`. Both load.
 _LANGUAGE_PREFIXES = ("model.language_model.", "model.")
@@ -19,7 +20,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.visual = self._build_vision_tower(config)
+        with building_vision_tower():  # the tp group in the weights mode, a single rank in the data mode
+            self.visual = self._build_vision_tower(config)
         self.language_model = Qwen2LanguageModel(config.text)
 
     @staticmethod

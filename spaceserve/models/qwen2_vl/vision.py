@@ -7,6 +7,7 @@ from torch import nn
 
 from spaceserve.layers.attention.varlen import VarlenSegments
 from spaceserve.layers.layer_norm import LayerNorm
+from spaceserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
     VISION_NORM_EPS,
@@ -24,8 +25,8 @@ from spaceserve.models.vision_inputs import VisionInputs
 class Qwen2VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = ColumnParallelLinear(dim, hidden_dim)
+        self.fc2 = RowParallelLinear(hidden_dim, dim)
         activation(hidden_act)  # an unknown name fails here, at construction
         self.hidden_act = hidden_act
 

@@ -54,11 +54,17 @@ ADD_FAILURE_MESSAGE = "the request could not be added: a server error (see the s
 """The error of a request whose add failed for a reason other than its input; only that request ends."""
 
 
-def run_busy_loop(core: EngineCore, transport: CoreTransport, build_request: RequestBuilder) -> None:
-    """Serve messages and step until a Shutdown message arrives; a failing step sends EngineCoreDead and raises."""
+def run_busy_loop(
+    core: EngineCore,
+    transport: CoreTransport,
+    build_request: RequestBuilder,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Serve messages and step until a Shutdown message arrives (or `should_stop()`: SIGTERM); a failing step sends
+    EngineCoreDead and raises."""
     idle_reported = True
     wait_s: float | None = None
-    while True:
+    while not should_stop():
         busy = core.has_unfinished_requests()
         messages = transport.receive(IDLE_HEALTH_CHECK_S if not busy else wait_s or 0.0)
         for message in messages:

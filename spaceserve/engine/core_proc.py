@@ -57,9 +57,22 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     """The process's work (core_client.MPClient starts it as `python -m spaceserve.engine.core_proc`)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     serve_engine_core(config, input_address, output_address)
+
+
+_TERMINATE = threading.Event()
+_SERVING = threading.Event()
+
+
+def _on_sigterm(*_: Any) -> None:
+    """Serving: the busy loop returns at its next turn (within a second) and shuts the core down in order; a
+    SystemExit raised at an arbitrary point (inside garbage collection, a CUDA call) would skip or garble that.
+    Still starting: exit now."""
+    _TERMINATE.set()
+    if not _SERVING.is_set():
+        sys.exit(0)
 
 
 def serve_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
@@ -86,7 +99,8 @@ def serve_engine_core(config: EngineConfig, input_address: str, output_address: 
             transport.send(EngineCoreDead(str(exc), type(exc).__name__))
             return
         transport.send(EngineCoreReady(core.describe()))
-        run_busy_loop(core, transport, _build_request)
+        _SERVING.set()
+        run_busy_loop(core, transport, _build_request, should_stop=_TERMINATE.is_set)
     except Exception:  # noqa: BLE001 - already reported by the loop; the process ends
         pass
     finally:

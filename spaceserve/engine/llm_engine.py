@@ -9,6 +9,7 @@ runs either in a process of its own, reached over ZMQ (the default), or in this 
 from __future__ import annotations
 
 import itertools
+import weakref
 import time
 from typing import Any
 
@@ -41,6 +42,9 @@ class LLMEngine:
         if multiprocessing_enabled(multiprocess):
             self._client = MPClient(config)
             self.info = self._client.info
+            # stop the core process in order when this engine goes away or the interpreter exits (a core left to its
+            # parent-death signal would be killed mid-teardown)
+            self._finalizer = weakref.finalize(self, _stop_client, self._client)
         else:
             self._core = EngineCore(config)
             self.info = self._core.describe()
@@ -163,5 +167,9 @@ class LLMEngine:
         if self._core is not None:
             self._core.shutdown()
         if self._client is not None:
-            self._client.shutdown()
-            self._client.close()
+            self._finalizer()
+
+
+def _stop_client(client: MPClient) -> None:
+    client.shutdown()
+    client.close()

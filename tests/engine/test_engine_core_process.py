@@ -139,3 +139,17 @@ def test_shutdown_leaves_no_process_and_no_socket_directory():
     llm.shutdown()
     assert process.poll() is not None and not os.path.exists(directory)
     llm.shutdown()  # twice is fine
+
+
+def test_sigterm_ends_the_core_process_in_order_and_the_front_hears_of_it():
+    llm = _async_llm()
+    try:
+        process = llm._client.process
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(15) == 0  # the busy loop returned and the core shut down: a clean exit, not a kill
+        deadline = time.monotonic() + 10
+        while llm.is_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not llm.is_running
+    finally:
+        llm.shutdown()

@@ -15,7 +15,6 @@ points, how many points were raised to keep the curves monotone or filled, and t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -58,7 +58,7 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise InvalidInputError(f"n must be a positive integer, got {self.n!r}")
         if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
-            raise InvalidInputError(f"seed + n - 1 must stay within int64 (each of the n samples takes seed + i)")
+            raise InvalidInputError("seed + n - 1 must stay within int64 (each of the n samples takes seed + i)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidInputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not self.temperature >= 0.0:

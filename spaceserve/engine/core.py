@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -28,7 +28,9 @@ from spaceserve.core.engine_messages import EngineCoreOutput, EngineCoreStats, F
 from spaceserve.core.errors import InvalidInputError
 from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from spaceserve.engine.core_outputs import STATUS_OF_REASON, core_output
 from spaceserve.engine.encoder_stage import EncoderStage
+from spaceserve.engine.step_timing import LaunchedStep, LoopStats, account_gpu_time
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
@@ -36,7 +38,6 @@ from spaceserve.models.loader import resolve_dtype
 from spaceserve.multimodal.video.stage import VideoDecodeStage, build_decoder_pool
 from spaceserve.profile.sm_curves import engine_curves
 from spaceserve.runtime.executor import build_executor
-from spaceserve.runtime.model_runner import StepHandle
 from spaceserve.runtime.mps import prepare_engine_process
 from spaceserve.sched.allocation_types import Allocation
 from spaceserve.sched.scheduler import Scheduler
@@ -44,56 +45,6 @@ from spaceserve.sched.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 _IDLE_DECODE_WAIT_S = 0.01
 _IDLE_ENCODER_WAIT_S = 0.002
-REQUEST_TIMESTAMPS = (
-    "arrival_time",
-    "video_decode_start_time",
-    "video_decode_end_time",
-    "first_scheduled_time",
-    "encoder_enqueued_time",
-    "encoder_scheduled_time",
-    "encoder_end_time",
-    "first_token_time",
-    "finished_time",
-)
-_FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
-    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
-    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
-    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
-}
-_STATUS_OF_REASON = {reason: status for status, reason in _FINISH_REASONS.items()}
-
-
-@dataclass
-class LoopStats:
-    """Where the engine thread's time goes (totals): `lm_host_s` is Python work around LM steps (scheduling,
-    input preparation, launches, output handling), `lm_wait_s` the time spent waiting for the device."""
-
-    lm_steps: int = 0
-    lm_rows: int = 0
-    """Sequences in the LM steps, summed (lm_rows / lm_steps is the mean batch)."""
-    lm_host_s: float = 0.0
-    lm_wait_s: float = 0.0
-    encoder_inline_s: float = 0.0
-    """time: host time launching the encoder batches run inside steps (not in lm_host_s; their device time is
-    waited for in the LM step that follows)."""
-    encoder_inline_batches: int = 0
-    lm_gpu_s: float = 0.0
-    """GPU time of LM steps (CUDA events around each step's work on its stream; 0 off CUDA)."""
-    lm_gpu_gap_s: float = 0.0
-    """GPU time with no LM step queued between consecutive LM steps while requests ran (host overhead the GPU
-    waited for); an encoder batch run inline between them (time mode) is not counted as a gap."""
-
-
-@dataclass(frozen=True)
-class _LaunchedStep:
-    scheduled: SchedulerOutput
-    handle: StepHandle
-    gap_start: torch.cuda.Event | None
-    """The previous LM step's end event, when the GPU had one just before this step (for lm_gpu_gap_s)."""
-    inline_encoder_span: tuple[torch.cuda.Event, torch.cuda.Event] | None
-    allocation: Allocation | None = None
-    """The SM allocator's decision this step was scheduled under (space), to count its prediction."""
 
 
 class EngineCore:
@@ -140,7 +91,7 @@ class EngineCore:
             self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
         self.loop_stats = LoopStats()
         self.async_scheduling = config.scheduler.async_scheduling
-        self._in_flight: _LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
+        self._in_flight: LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
         self._last_lm_end: torch.cuda.Event | None = None
 
     # ---- requests ----------------------------------------------------------------------------------------
@@ -164,12 +115,12 @@ class EngineCore:
         """Finish requests early (a client that left: ABORT; a stop string the front saw: STOP); unknown or finished
         ids are ignored. Returns an output for each request that was still in flight."""
         now = time.monotonic()
-        aborted = self.scheduler.finish_requests(request_ids, _STATUS_OF_REASON[reason])
+        aborted = self.scheduler.finish_requests(request_ids, STATUS_OF_REASON[reason])
         outputs = []
         for request in aborted:
             self._forget(request)
             request.finished_time = now
-            outputs.append(self._output(request, []))
+            outputs.append(core_output(request, []))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -221,7 +172,7 @@ class EngineCore:
         runner_output = self.model_runner.collect(to_collect.handle)
         collected = time.monotonic()
         stage.resolve_end_times()
-        gpu_ms = self._account_gpu_time(to_collect)
+        gpu_ms = account_gpu_time(self.loop_stats, to_collect)
         if self.allocation is not None:
             decoded = any(seq.num_scheduled_tokens == 1 for seq in to_collect.scheduled.sequences)
             self.allocation.lm_step_collected(to_collect.allocation, gpu_ms, decoded)
@@ -233,31 +184,15 @@ class EngineCore:
         stats.lm_host_s += (launch_done - step_start) + (time.monotonic() - collected)
         return failed + outputs
 
-    def _launch(self, scheduled: SchedulerOutput, decision: Allocation | None = None) -> _LaunchedStep:
+    def _launch(self, scheduled: SchedulerOutput, decision: Allocation | None = None) -> LaunchedStep:
         stage = self.encoder_stage
         if (stream := stage.lm_stream()) is not None:
             self.model_runner.use_stream(stream)
         handle = self.model_runner.launch(scheduled, stage.embeddings)
-        launched = _LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span(), decision)
+        launched = LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span(), decision)
         if handle.gpu_span is not None:
             self._last_lm_end = handle.gpu_span[1]
         return launched
-
-    def _account_gpu_time(self, step: _LaunchedStep) -> float | None:
-        """Add a collected step's GPU time and the idle gap before it (its events have completed); returns the
-        step's GPU ms (None off CUDA)."""
-        span = step.handle.gpu_span
-        if span is None:
-            return None
-        stats = self.loop_stats
-        step_ms = span[0].elapsed_time(span[1])
-        stats.lm_gpu_s += step_ms / 1e3
-        if step.gap_start is not None:
-            gap = step.gap_start.elapsed_time(span[0]) / 1e3
-            if step.inline_encoder_span is not None:
-                gap -= step.inline_encoder_span[0].elapsed_time(step.inline_encoder_span[1]) / 1e3
-            stats.lm_gpu_gap_s += max(gap, 0.0)
-        return step_ms
 
     def attach_allocation(self, allocation: SMAllocation | None) -> None:
         """Hand the SM allocation (space) to the step loop and the encoder stage; None: the fixed split policy."""
@@ -284,30 +219,8 @@ class EngineCore:
             if request.is_finished:
                 request.finished_time = now
                 self._forget(request)
-            outputs.append(self._output(request, request.output_token_ids[-1:], with_timestamps=first))
+            outputs.append(core_output(request, request.output_token_ids[-1:], with_timestamps=first))
         return outputs
-
-    def _output(
-        self, request: Request, new_token_ids: list[int], error: str | None = None, with_timestamps: bool = False
-    ) -> EngineCoreOutput:
-        """The request's delta; its timestamps go with its first token and with the output that finishes it."""
-        timestamps = None
-        if with_timestamps or request.is_finished:
-            timestamps = {name: value for name in REQUEST_TIMESTAMPS if (value := getattr(request, name)) is not None}
-        logprobs = None  # the new tokens' log-probabilities, for a request that asked (SamplingParams.logprobs)
-        if request.output_logprobs and new_token_ids:
-            logprobs = request.output_logprobs[-len(new_token_ids) :]
-        if not request.is_finished:
-            return EngineCoreOutput(request.request_id, new_token_ids, timestamps=timestamps, new_logprobs=logprobs)
-        return EngineCoreOutput(
-            request.request_id,
-            new_token_ids,
-            finish_reason=_FINISH_REASONS[request.status],
-            stop_reason=request.stop_reason,
-            error=error,
-            timestamps=timestamps,
-            new_logprobs=logprobs,
-        )
 
     def _wait_for_work(self, encoded: bool) -> None:
         """Nothing for the LM this step: wait briefly for the work in flight elsewhere, or report a stall."""
@@ -339,7 +252,7 @@ class EngineCore:
             self._forget(request)
             request.finished_time = now
             error = f"{ENCODER_UNAVAILABLE_PREFIX}{reason}; this request's images cannot be encoded"
-            outputs.append(self._output(request, [], error=error))
+            outputs.append(core_output(request, [], error=error))
         return outputs
 
     def _take_video_events(self) -> list[EngineCoreOutput]:
@@ -349,7 +262,7 @@ class EngineCore:
             self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
             self._forget(request)
             request.finished_time = time.monotonic()
-            outputs.append(self._output(request, [], error=error))
+            outputs.append(core_output(request, [], error=error))
         return outputs
 
     def _forget(self, request: Request) -> None:

@@ -232,8 +232,6 @@ def time_decode_collectives(group: GroupCoordinator, text: Any, rows: int, iters
     """The collectives of one decode step of `rows` sequences, alone: the embedding's and two per layer's
     all-reduces of [rows, hidden] and the logits' all-gather, captured as one CUDA graph on CUDA (as the decode
     graph runs them) and replayed `iters` times. Every rank must call it together. Milliseconds per step."""
-    import statistics
-    import time
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -249,7 +249,7 @@ class SMAllocator:
 
     def _evaluate(self, plans: list[_Plan], state: AllocatorState, situation: _Situation) -> dict[str, np.ndarray]:
         config, total, count = self.config, float(self.total_sms), len(plans)
-        b, ctx = situation.num_decodes, situation.context
+        b = situation.num_decodes
         placement = np.array([p.placement.value for p in plans])
         whole_first = placement == Placement.ENCODER_WHOLE.value
         prefill_split = placement == Placement.PREFILL_SPLIT.value

@@ -8,7 +8,8 @@ import sys
 
 from spaceserve.bench.cli import add_bench_parser, run_bench
 from spaceserve.core.errors import SpaceServeError
-from spaceserve.engine.arg_utils import EngineArgs, flags_in_message
+from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.cli_fields import flags_in_message
 from spaceserve.profile.cli import add_profile_parser, run_profile
 from spaceserve.server.args import ServerArgs
 from spaceserve.server.cli import add_serve_args, configure_logging, run_server

@@ -33,7 +33,8 @@ from spaceserve.bench.workloads import (
     workload_names,
 )
 from spaceserve.core.errors import ConfigError, SpaceServeError
-from spaceserve.engine.arg_utils import EngineArgs, flags_in_message
+from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.cli_fields import flags_in_message
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:

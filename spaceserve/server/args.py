@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from spaceserve.engine.arg_utils import cli_field, parse_csv
+from spaceserve.engine.cli_fields import cli_field, parse_csv
 from spaceserve.engine.media import (
     DEFAULT_MAX_MEDIA_BYTES,
     DEFAULT_MAX_REQUEST_MEDIA_BYTES,

@@ -9,7 +9,8 @@ import logging
 import os
 from dataclasses import fields
 
-from spaceserve.engine.arg_utils import EngineArgs, add_dataclass_args
+from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.cli_fields import add_dataclass_args
 from spaceserve.server.args import API_KEY_ENV, ServerArgs
 
 logger = logging.getLogger("spaceserve.server")

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from spaceserve.cli import main as cli_main
-from spaceserve.engine.arg_utils import EngineArgs, flags_in_message
+from spaceserve.engine.arg_utils import EngineArgs
+from spaceserve.engine.cli_fields import flags_in_message
 from spaceserve.engine.async_llm import AsyncLLM
 from spaceserve.server.app import create_app
 from spaceserve.server.args import ServerArgs

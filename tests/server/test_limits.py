@@ -266,10 +266,13 @@ def test_a_client_leaving_early_logs_no_error(live_server):
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.addHandler(handler)
     try:
-        body = {"model": "tiny-vl", "prompt": "bye", "max_tokens": 300, "ignore_eos": True}
+        # the generation is far longer than the client waits (450 tokens against 50 ms), plain and streamed
+        body = {"model": "tiny-vl", "prompt": "bye", "max_tokens": 450, "ignore_eos": True}
         for _ in range(3):
             with pytest.raises(httpx.TimeoutException):
-                httpx.post(f"{live_server.base_url}/v1/completions", json=body, timeout=0.3)
+                httpx.post(f"{live_server.base_url}/v1/completions", json=body, timeout=0.05)
+        with httpx.stream("POST", f"{live_server.base_url}/v1/completions", json={**body, "stream": True}) as reply:
+            next(reply.iter_lines())  # the first event, then the client hangs up
         live_server.wait_idle()
         time.sleep(0.2)
     finally:

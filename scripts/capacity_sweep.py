@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
+from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
 
 from spaceserve.bench.capacity import (  # noqa: E402
     ATTAINMENT_THRESHOLD,
@@ -106,14 +108,7 @@ def main() -> int:
             *[flag for slo in slos for flag in ("--slo", slo)],
             "--out", str(out / f"{workload}.jsonl"), "--disable-tqdm", *extra, *shlex.split(args.engine_args),
         ]  # fmt: skip
-        print("$", shlex.join(command[1:]), flush=True)
-        with open(out / "commands.txt", "a") as log:
-            log.write(shlex.join(["python3", *command[1:]]) + "\n")
-        try:
-            code |= subprocess.run(command, cwd=REPO, timeout=left).returncode
-        except subprocess.TimeoutExpired:
-            print(f"timed out: {workload} {modes}/{policies}", flush=True)
-            code = 1
+        code |= run_logged(command, out, left, REPO, f"{workload} {modes}/{policies}")
     print(summarize(out))
     return code
 
@@ -125,35 +120,11 @@ def parse_rates(text: str, step: float) -> list[float]:
     return sorted(float(x) for x in text.split(",") if x)
 
 
-def measure_ceilings() -> dict[str, Any]:
-    import torch
-
-    from spaceserve.profile.hardware import measure_copy_bandwidth, measure_matmul_tflops
-
-    if not torch.cuda.is_available():
-        return {"device": "cpu", "note": "no CUDA device: ceilings not measured"}
-    device = torch.device("cuda")
-    return {
-        "device": torch.cuda.get_device_name(device),
-        "sms": torch.cuda.get_device_properties(device).multi_processor_count,
-        "torch": torch.__version__,
-        "copy_bandwidth": measure_copy_bandwidth(device).to_dict(),
-        "matmul_bf16": measure_matmul_tflops(device).to_dict(),
-    }
-
-
 # ---- summary ------------------------------------------------------------------------------------------------
 
 
-def load_rows(directory: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(directory.glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
-
-
 def summarize(directory: Path) -> str:
-    rows = [r for r in load_rows(directory) if r.get("request_rate") != "inf"]
+    rows = [r for r in result_rows(directory, completed_only=False) if r.get("request_rate") != "inf"]
     if not rows:
         return f"no rows in {directory}"
     first = rows[0]

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
+from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
 
 VARIANT_FLAGS = {
     "serial": ["--no-async-scheduling"],
@@ -61,8 +63,6 @@ def main() -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.time_budget_s
-    from scripts.multiplex_bench import measure_ceilings
-
     (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
     workloads = args.workloads.split(",")
     runs: list[tuple[str, str, str, list[str]]] = []
@@ -85,14 +85,7 @@ def main() -> int:
             "--num-warmups", "8", "--output-len", args.output_len, "--slo", "ttft=2,tpot=0.05",
             "--out", str(out / f"{workload}.jsonl"), "--disable-tqdm", *extra, *shlex.split(args.engine_args),
         ]  # fmt: skip
-        print("$", shlex.join(command[1:]), flush=True)
-        with open(out / "commands.txt", "a") as log:
-            log.write(shlex.join(["python3", *command[1:]]) + "\n")
-        try:
-            code |= subprocess.run(command, cwd=REPO, timeout=left).returncode
-        except subprocess.TimeoutExpired:
-            print(f"timed out: {workload} {modes}", flush=True)
-            code = 1
+        code |= run_logged(command, out, left, REPO, f"{workload} {modes}")
     if deadline - time.monotonic() > 60:
         (out / "decode_step.json").write_text(json.dumps(decode_step_at_text_only_batch(args.model, out), indent=1))
     (out / "summary.md").write_text(summarize(out))
@@ -111,7 +104,7 @@ def decode_step_at_text_only_batch(model: str, out: Path) -> dict[str, Any]:
     from spaceserve.profile.synthetic import decode_step, fill_kv_caches_random, run_step_graphed
     from spaceserve.profile.timing import time_calls
 
-    rows = [r for r in load_rows(out) if r["workload"] == "text-only" and not r.get("label")]
+    rows = [r for r in result_rows(out) if r["workload"] == "text-only" and not r.get("label")]
     row = next((r for r in rows if float(r["request_rate"]) == TPOT_RATE), None)
     if row is None or not torch.cuda.is_available():
         return {"note": "no text-only row at the TPOT rate, or no CUDA"}
@@ -137,20 +130,13 @@ def decode_step_at_text_only_batch(model: str, out: Path) -> dict[str, Any]:
         core.shutdown()
 
 
-def load_rows(directory: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(directory.glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("status") == "ok" and r.get("completed")]
-
-
 def _per(counters: dict[str, float], total: str, count: str) -> float | None:
     n = counters.get(count) or 0
     return counters.get(total, 0.0) / n if n else None
 
 
 def summarize(directory: Path) -> str:
-    rows = load_rows(directory)
+    rows = result_rows(directory)
     lines = [
         f"# Host overhead ({directory.name})", "",
         "| workload | mode | variant | rate | mean batch | LM host ms/step | LM wait ms/step | lm_gpu_s | gap / gpu "

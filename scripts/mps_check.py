@@ -297,7 +297,7 @@ def run_checks(args) -> int:
         return deadline - time.monotonic()
 
     if "ceilings" in sections:
-        code = ("import json; from scripts.multiplex_bench import measure_ceilings; "
+        code = ("import json; from spaceserve.profile.hardware import measure_ceilings; "
                 "print(json.dumps(measure_ceilings()))")
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                                 cwd=str(REPO))

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
+from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
 
 SLO = "ttft=2,tpot=0.05"
 
@@ -80,44 +82,12 @@ def main() -> int:
             *(["--encoder-sms", str(args.encoder_sms)] if args.encoder_sms else []),
             *shlex.split(args.engine_args),
         ]  # fmt: skip
-        print("$", shlex.join(command[1:]), flush=True)
-        with open(out / "commands.txt", "a") as log:
-            log.write(shlex.join(["python3", *command[1:]]) + "\n")
-        try:
-            done = subprocess.run(command, cwd=REPO, timeout=left)
-            code |= done.returncode
-        except subprocess.TimeoutExpired:
-            print(f"timed out: {workload} {modes}/{policies}", flush=True)
-            code = 1
+        code |= run_logged(command, out, left, REPO, f"{workload} {modes}/{policies}")
     print(summarize(out))
     return code
 
 
-def measure_ceilings() -> dict[str, Any]:
-    import torch
-
-    from spaceserve.profile.hardware import measure_copy_bandwidth, measure_matmul_tflops
-
-    if not torch.cuda.is_available():
-        return {"device": "cpu", "note": "no CUDA device: ceilings not measured"}
-    device = torch.device("cuda")
-    return {
-        "device": torch.cuda.get_device_name(device),
-        "sms": torch.cuda.get_device_properties(device).multi_processor_count,
-        "torch": torch.__version__,
-        "copy_bandwidth": measure_copy_bandwidth(device).to_dict(),
-        "matmul_bf16": measure_matmul_tflops(device).to_dict(),
-    }
-
-
 # ---- summary ------------------------------------------------------------------------------------------------
-
-
-def load_rows(directory: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(directory.glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("status") == "ok" and r.get("completed")]
 
 
 def series_name(row: dict[str, Any]) -> str:
@@ -127,7 +97,7 @@ def series_name(row: dict[str, Any]) -> str:
 
 
 def summarize(directory: Path) -> str:
-    rows = load_rows(directory)
+    rows = result_rows(directory)
     if not rows:
         return f"no successful rows in {directory}"
     by_series: dict[str, dict[float, dict[str, Any]]] = {}

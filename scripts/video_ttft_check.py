@@ -270,17 +270,11 @@ def decoded_frames(clip: bytes, pool):
 def measure_ceilings() -> dict[str, Any]:
     import torch
 
-    from spaceserve.profile.hardware import measure_copy_bandwidth, measure_matmul_tflops
+    from spaceserve.profile.hardware import measure_ceilings as measure
 
-    if not torch.cuda.is_available():
-        return {"device": "cpu", "note": "no CUDA device: ceilings not measured"}
-    device = torch.device("cuda")
-    ceilings = {
-        "device": torch.cuda.get_device_name(device),
-        "copy_bandwidth": measure_copy_bandwidth(device).to_dict(),
-        "matmul_bf16": measure_matmul_tflops(device).to_dict(),
-    }
-    torch.cuda.empty_cache()
+    ceilings = measure()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the measurement's buffers, before the engines size their KV caches
     return ceilings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -83,3 +84,18 @@ def measure_matmul_tflops(
         method=f"torch.mm {n}x{n}x{n} {str(dtype).removeprefix('torch.')}, {num_input_sets} random input sets, "
         f"{iters} timed after {warmup} warm-up",
     )
+
+
+def measure_ceilings() -> dict[str, Any]:
+    """The device's ceilings for a results file: its name and SMs, torch, copy bandwidth and bf16 matmul rate (a
+    note instead on a machine without CUDA)."""
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "note": "no CUDA device: ceilings not measured"}
+    device = torch.device("cuda")
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "sms": torch.cuda.get_device_properties(device).multi_processor_count,
+        "torch": torch.__version__,
+        "copy_bandwidth": measure_copy_bandwidth(device).to_dict(),
+        "matmul_bf16": measure_matmul_tflops(device).to_dict(),
+    }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from spaceserve.config import EngineConfig
 from spaceserve.sched.allocation_counters import AllocatorCounters
 from spaceserve.sched.allocation_state import allocator_state
-from spaceserve.sched.allocation_types import Allocation, AllocatorConfig, EncoderInFlight
+from spaceserve.sched.allocation_types import Allocation, AllocatorConfig, EncoderInFlight, Placement
 from spaceserve.sched.allocator import SMAllocator
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
 from spaceserve.sched.resource_curves import ResourceCurves
@@ -51,6 +51,13 @@ class SMAllocation:
                     self.config.slo_ttft_ms)
 
     def decide(self, scheduler: Scheduler, encoder_scheduler: EncoderScheduler) -> Allocation:
+        if self._nothing_to_weigh(scheduler, encoder_scheduler):
+            # steady decoding, nothing to encode or prefill: the LM gets every SM; skips the state and the forecast
+            # (milliseconds of host time) on the steps where only one answer is possible
+            decision = Allocation(Placement.LM_WHOLE, 0, self.total_sms, self.config.max_num_batched_tokens,
+                                  reason="decodes only")
+            self.counters.record_decision(decision)
+            return decision
         now = time.monotonic()
         in_flight = None
         if self._in_flight:
@@ -62,6 +69,11 @@ class SMAllocation:
         decision = self.allocator.decide(state)
         self.counters.record_decision(decision)
         return decision
+
+    def _nothing_to_weigh(self, scheduler: Scheduler, encoder_scheduler: EncoderScheduler) -> bool:
+        if self._in_flight or encoder_scheduler.has_work or scheduler.num_waiting:
+            return False
+        return all(request.num_output_tokens for request in scheduler.running)
 
     # ---- what happened --------------------------------------------------------------------------------------
 

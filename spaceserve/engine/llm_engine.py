@@ -23,10 +23,9 @@ from spaceserve.engine.core import EngineCore
 from spaceserve.engine.core_client import EngineDeadError, MPClient, multiprocessing_enabled
 from spaceserve.engine.input_processor import InputProcessor, PromptType
 from spaceserve.engine.output_processor import OutputProcessor
-from spaceserve.engine.video_jobs import DECODE_FAILURE_PREFIX
 from spaceserve.tokenizer import load_tokenizer_for
 
-__all__ = ["DECODE_FAILURE_PREFIX", "LLMEngine"]
+__all__ = ["LLMEngine"]
 
 
 class LLMEngine:

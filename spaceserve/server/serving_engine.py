@@ -22,7 +22,7 @@ from spaceserve.core.sampling_params import SamplingParams
 from spaceserve.engine.async_llm import AsyncLLM, RequestStream
 from spaceserve.engine.core_loop import ADD_FAILURE_MESSAGE
 from spaceserve.engine.input_processor import PromptType, check_max_tokens_fit
-from spaceserve.engine.llm_engine import DECODE_FAILURE_PREFIX
+from spaceserve.engine.video_jobs import DECODE_FAILURE_PREFIX
 from spaceserve.engine.parallel_sampling import child_params
 from spaceserve.server.protocol import ErrorInfo, ErrorResponse, OpenAIServingError, UsageInfo
 

@@ -88,6 +88,7 @@ def summarize(directory: Path) -> str:
                   f"({measured.get('total_seconds')} s with the engine build); complete: {measured['complete']}, "
                   f"{measured['skipped_points']} points skipped past the budget; "
                   f"errors: {measured['errors'] or 'none'}",
+                  f"- sides that failed the GEMM probe (left out): {measured.get('sm_probe_failures') or 'none'}",
                   f"- decode steps replayed CUDA graphs: {measured.get('decode_graphs')} "
                   f"(on {measured.get('graph_streams')} streams); vision graphs on "
                   f"{measured.get('vision_graph_streams')} streams, encoder batches graphed "

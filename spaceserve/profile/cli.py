@@ -71,6 +71,28 @@ def grid_from_args(args: argparse.Namespace) -> CurveGrid:
     return grid
 
 
+def probe_grid_splits(config, grid: CurveGrid) -> dict | None:
+    """Probe both sides of every split the grid measures (runtime/sm_probe.py), before this process makes a CUDA
+    context; None where there are no splits to probe."""
+    import torch
+
+    from spaceserve.profile.curves_grid import grid_split_counts
+    from spaceserve.runtime.sm_partition import get_partition_manager, green_context_support
+    from spaceserve.runtime.sm_probe import model_gemm_shapes, probe_splits
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda", 0)
+    if green_context_support(device):
+        return None
+    encoder_counts, lm_counts = grid_split_counts(get_partition_manager(device), grid)
+    begin = time.monotonic()
+    probes = probe_splits(sorted(set(encoder_counts) | set(lm_counts)), model_gemm_shapes(config), device_index=0)
+    logger.info("profile: probed %d sides in %.1f s, %d failed", len(probes), time.monotonic() - begin,
+                sum(not p.ok for p in probes.values()))
+    return probes
+
+
 def profiling_engine_args(args: argparse.Namespace, grid: CurveGrid) -> EngineArgs:
     """The user's engine flags, in time mode, with room for the grid's largest step and decode graphs of its
     batch sizes. Unless a KV size is given, the KV cache holds just the largest step's blocks: the rest of the
@@ -118,11 +140,12 @@ def run_profile(args: argparse.Namespace) -> int:
     from spaceserve.profile.synthetic import fill_kv_caches_random
 
     begin = time.monotonic()
+    probes = probe_grid_splits(config, grid)
     engine = EngineCore(config)
     try:
         fill_kv_caches_random(engine, seed=args.seed + 1)
         ceilings = {} if args.no_ceilings else _ceilings(engine.device)
-        placements = device_placements(engine.device, grid, engine.model_runner.stream)
+        placements = device_placements(engine.device, grid, engine.model_runner.stream, probes)
         logger.info("profile: %s; encoder on %s SMs, LM on %s SMs", placements.note,
                     [s.sms for s in placements.encoder_sides], [s.sms for s in placements.lm_sides])
         left = args.time_budget_s - (time.monotonic() - begin)
@@ -138,6 +161,7 @@ def run_profile(args: argparse.Namespace) -> int:
         versions=_versions(torch),
         engine_args={k: v for k, v in dataclasses.asdict(engine_args).items() if v is not None},
         attention_backend=config.attention_backend,
+        sm_probe_failures=[p.__dict__ for p in (probes or {}).values() if not p.ok],
         total_seconds=round(time.monotonic() - begin, 2),
     )
     entry["ceilings"] = ceilings

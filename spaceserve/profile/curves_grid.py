@@ -115,9 +115,20 @@ def whole_device_placements(total_sms: int, stream: Any = None, note: str = "") 
     return Placements(total_sms, (), (whole,), (whole,), partitioned=False, note=note)
 
 
-def device_placements(device: torch.device, grid: CurveGrid, lm_whole_stream: Any) -> Placements:
+def grid_split_counts(manager: Any, grid: CurveGrid) -> tuple[list[int], list[int]]:
+    """The encoder group sizes whose encoder side, and those whose LM side (the remainder), the grid measures."""
+    if grid.encoder_sms is not None:
+        counts = sorted({manager.partition(n).encoder_sms for n in grid.encoder_sms})
+        return counts, counts
+    grantable = manager.grantable_encoder_sms()
+    return list(grantable[:: grid.encoder_sm_stride]), list(grantable[:: grid.lm_sm_stride])
+
+
+def device_placements(device: torch.device, grid: CurveGrid, lm_whole_stream: Any,
+                      probes: dict[tuple[int, str], Any] | None = None) -> Placements:
     """The device's splits chosen by the grid, made through the process's partition manager; the whole device alone
-    (with the reason) where green contexts are unavailable."""
+    (with the reason) where green contexts are unavailable. With `probes` (runtime/sm_probe.py, keyed by encoder
+    group and side), a side that failed its probe is not measured and a split with a failed side is not offered."""
     from spaceserve.runtime.sm_partition import get_partition_manager, green_context_support
 
     if device.type != "cuda":
@@ -129,22 +140,28 @@ def device_placements(device: torch.device, grid: CurveGrid, lm_whole_stream: An
         return whole_device_placements(total, lm_whole_stream, f"no SM partitions: {unsupported}")
     manager = get_partition_manager(device)
     grantable = manager.grantable_encoder_sms()
-    if grid.encoder_sms is not None:
-        encoder_counts = sorted({manager.partition(n).encoder_sms for n in grid.encoder_sms})
-        lm_counts = encoder_counts
-    else:
-        encoder_counts = list(grantable[:: grid.encoder_sm_stride])
-        lm_counts = list(grantable[:: grid.lm_sm_stride])
+    encoder_counts, lm_counts = grid_split_counts(manager, grid)
+
+    def runs(n: int, side: str) -> bool:
+        probe = (probes or {}).get((n, side))
+        return probe is None or probe.ok
+
+    dropped = sorted({n for n in grantable for side in ("encoder", "lm") if not runs(n, side)})
+    encoder_counts = [n for n in encoder_counts if runs(n, "encoder")]
+    lm_counts = [n for n in lm_counts if runs(n, "lm")]
     partitions = {n: manager.partition(n) for n in sorted(set(encoder_counts) | set(lm_counts))}
     encoder_sides = [Side(partitions[n].encoder_sms, partitions[n].encoder_stream) for n in encoder_counts]
     lm_sides = sorted((Side(partitions[n].lm_sms, partitions[n].lm_stream) for n in lm_counts), key=lambda s: s.sms)
+    note = f"green-context splits of {total} SMs: encoder groups {grantable[0]}..{grantable[-1]}"
+    if dropped:
+        note += f"; splits with a side that failed the GEMM probe, left out: encoder groups {dropped}"
     return Placements(
         total,
-        tuple(Split(n, total - n) for n in grantable),
+        tuple(Split(n, total - n) for n in grantable if n not in dropped),
         (*encoder_sides, Side(total, torch.cuda.Stream(device))),
         (*lm_sides, Side(total, lm_whole_stream)),
         partitioned=True,
-        note=f"green-context splits of {total} SMs: encoder groups {grantable[0]}..{grantable[-1]}",
+        note=note,
     )
 
 

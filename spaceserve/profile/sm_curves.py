@@ -173,9 +173,13 @@ def capture_graphs_on_sides(engine, placements: Placements) -> tuple[int, int]:
     graphs = getattr(runner, "cuda_graphs", None)
     lm_streams = 0
     if graphs is not None:
-        streams = tuple(s.stream for s in placements.lm_sides if s.stream is not None and s.stream != runner.stream)
-        runner.capture_cuda_graphs(graphs.sizes, streams)
-        lm_streams = 1 + len(streams)
+        sides = [s for s in placements.lm_sides if s.stream is not None and s.stream != runner.stream]
+        for side in sides:
+            try:
+                runner.capture_cuda_graphs(graphs.sizes, (side.stream,))
+            except RuntimeError as exc:
+                raise RuntimeError(f"decode graphs on the {side.sms}-SM LM side: {exc}") from exc
+        lm_streams = 1 + len(sides)
     vision = engine.encoder_stage.runner.vision_graphs
     encoder_streams = [s.stream for s in placements.encoder_sides if s.stream is not None]
     if vision is None or not encoder_streams:

@@ -146,7 +146,7 @@ def resolve_layout(config: EngineConfig, device: torch.device) -> ExecutionLayou
     manager = get_partition_manager(device)
     counts = config.encoder_sms or _default_encoder_sms(device)
     partitions = {p.encoder_sms: p for p in (manager.partition(count) for count in counts)}  # rounding may merge two
-    ordered = tuple(partitions[count] for count in sorted(partitions))
+    ordered = _runnable(tuple(partitions[count] for count in sorted(partitions)), config, device)
     for p in ordered:
         logger.info("space: encoder %d SMs, language model %d of %d SMs", p.encoder_sms, p.lm_sms, p.total_sms)
     return ExecutionLayout(
@@ -158,6 +158,23 @@ def resolve_layout(config: EngineConfig, device: torch.device) -> ExecutionLayou
         partitions=ordered,
         encoder_process=not in_process,
     )
+
+
+def _runnable(partitions: tuple, config: EngineConfig, device: torch.device) -> tuple:
+    """The splits whose both sides run the model's GEMMs (probed in child processes, runtime/sm_probe.py): on an
+    H200 a small remainder side failed cuBLAS launches that the larger sides ran."""
+    from spaceserve.runtime.sm_probe import model_gemm_shapes, usable_encoder_groups
+
+    usable, failed = usable_encoder_groups(device.index or 0, [p.encoder_sms for p in partitions],
+                                           model_gemm_shapes(config))
+    if not usable:
+        raise ConfigError("space: no split of " + ", ".join(str(p.encoder_sms) for p in partitions) + " encoder SMs "
+                          "runs the model's GEMMs on both sides: " + "; ".join(
+                              f"{p.side} side of {p.encoder_sms} ({p.sms} SMs): {p.error}" for p in failed))
+    for probe in failed:
+        logger.warning("space: the %d-SM split is left out: its %s side (%d SMs) failed: %s", probe.encoder_sms,
+                       probe.side, probe.sms, probe.error)
+    return tuple(p for p in partitions if p.encoder_sms in usable)
 
 
 def _default_encoder_sms(device: torch.device) -> tuple[int, ...]:

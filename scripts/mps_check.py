@@ -69,14 +69,6 @@ def _daemon(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @contextmanager
 def mps_daemon(base_env: dict[str, str]):
     """Start a daemon for the block; yields the environment its clients need. Stopped however the block ends."""
-    started = _daemon("start", base_env)
-    if started.returncode != 0:
-        raise RuntimeError(f"the MPS daemon did not start: {started.stderr.strip()}")
-    env = dict(base_env)
-    for word in started.stdout.split():
-        if "=" in word:
-            name, value = word.split("=", 1)
-            env[name] = value
     stopped = False
 
     def stop() -> None:
@@ -86,7 +78,20 @@ def mps_daemon(base_env: dict[str, str]):
             result = _daemon("stop", base_env)
             print(f"mps daemon: {result.stderr.strip()}", flush=True)
 
-    atexit.register(stop)
+    atexit.register(stop)  # before the start: a start that fails or times out may still leave a daemon running
+    try:
+        started = _daemon("start", base_env)
+    except subprocess.TimeoutExpired:
+        stop()
+        raise RuntimeError("the MPS daemon did not answer within 60 s; stopped it") from None
+    if started.returncode != 0:
+        stop()
+        raise RuntimeError(f"the MPS daemon did not start: {started.stderr.strip()}")
+    env = dict(base_env)
+    for word in started.stdout.split():
+        if "=" in word:
+            name, value = word.split("=", 1)
+            env[name] = value
     previous = {}
 
     def on_signal(signum, _frame):

@@ -60,7 +60,9 @@ case ${1:-} in
         fi
         mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
         rm -f "$CONTROL"  # a stale socket of a daemon that died
-        if ! nvidia-cuda-mps-control -d; then
+        # the daemon keeps the descriptors it is given: with our stdout it would hold the pipe of whoever reads
+        # this script's exports (eval "$(...)", subprocess.run) open until it quits
+        if ! nvidia-cuda-mps-control -d </dev/null >/dev/null 2>&1; then
             say "nvidia-cuda-mps-control -d failed"
             exit 1
         fi

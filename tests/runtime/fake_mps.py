@@ -24,9 +24,8 @@ FAKE_CONTROL = textwrap.dedent("""\
         server.listen(8)
         with open(os.path.join(os.environ["CUDA_MPS_LOG_DIRECTORY"], "control.log"), "a") as log:
             log.write(f"[2026-01-01 00:00:00.000 Control {os.getpid()}] Starting control daemon using socket {control}\\n")
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+        # like the real daemon on the H200 (driver 580): the caller's stdin, stdout and stderr stay open in it, so
+        # a caller reading them to their end waits as long as the daemon runs
         while True:
             connection, _ = server.accept()
             command = connection.recv(64).strip()

@@ -30,7 +30,7 @@ from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.engine.core_outputs import STATUS_OF_REASON, core_output
 from spaceserve.engine.encoder_stage import EncoderStage
-from spaceserve.engine.step_timing import LaunchedStep, LoopStats, account_gpu_time
+from spaceserve.engine.step_timing import LaunchedStep, LoopStats, PendingGpuTimes
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
 from spaceserve.kvcache.kv_manager import KVCacheManager
@@ -90,6 +90,7 @@ class EngineCore:
         elif self.layout.partitions:
             self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
         self.loop_stats = LoopStats()
+        self._pending_gpu_times = PendingGpuTimes()
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: LaunchedStep | None = None  # launched, not collected (overlapped scheduling)
         self._last_lm_end: torch.cuda.Event | None = None
@@ -172,10 +173,12 @@ class EngineCore:
         runner_output = self.model_runner.collect(to_collect.handle)
         collected = time.monotonic()
         stage.resolve_end_times()
-        gpu_ms = account_gpu_time(self.loop_stats, to_collect)
+        timed = self._pending_gpu_times.collected(self.loop_stats, to_collect)
         if self.allocation is not None:
+            for step, gpu_ms in timed:
+                self.allocation.lm_step_timed(step.allocation, gpu_ms)
             decoded = any(seq.num_scheduled_tokens == 1 for seq in to_collect.scheduled.sequences)
-            self.allocation.lm_step_collected(to_collect.allocation, gpu_ms, decoded)
+            self.allocation.lm_step_collected(to_collect.allocation, decoded)
         outputs = self._process_step_output(to_collect.scheduled, runner_output)
         stats = self.loop_stats
         stats.lm_steps += 1

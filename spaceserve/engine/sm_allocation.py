@@ -89,10 +89,13 @@ class SMAllocation:
                 del self._in_flight[index]
                 return
 
-    def lm_step_collected(self, decision: Allocation | None, gpu_ms: float | None, decoded: bool) -> None:
-        now = time.monotonic()
-        if decision is not None and gpu_ms is not None:
+    def lm_step_timed(self, decision: Allocation | None, gpu_ms: float) -> None:
+        """A step's GPU time, once its events completed (possibly a few steps after it was collected)."""
+        if decision is not None:
             self.counters.record_lm_step(decision, gpu_ms)
+
+    def lm_step_collected(self, decision: Allocation | None, decoded: bool) -> None:
+        now = time.monotonic()
         if decoded:
             if decision is not None and self._last_decode_output is not None:
                 gap_ms = (now - self._last_decode_output) * 1e3

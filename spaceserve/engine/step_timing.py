@@ -3,6 +3,7 @@ time of each LM step, from CUDA events recorded around its work on its stream.""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +46,43 @@ class LaunchedStep:
 
 
 
+class PendingGpuTimes:
+    """Collected LM steps whose GPU time is not known yet. A step that samples nothing (a prefill chunk that does not
+    end its prompt) is collected without waiting for the device, so its end event may still be pending; blocking on
+    it would take away the overlap. Each is accounted, in launch order, once its events have completed."""
+
+    MAX_PENDING = 64
+    """Past this many the oldest is waited for (its events belong to work launched long ago)."""
+
+    def __init__(self) -> None:
+        self._pending: deque[LaunchedStep] = deque()
+
+    def collected(self, stats: LoopStats, step: LaunchedStep) -> list[tuple[LaunchedStep, float]]:
+        """Queue `step`, account every queued step whose events completed; returns those steps with their GPU ms."""
+        self._pending.append(step)
+        if len(self._pending) > self.MAX_PENDING:
+            for event in _events(self._pending[0]):
+                event.synchronize()
+        timed = []
+        while self._pending and all(event.query() for event in _events(self._pending[0])):
+            done = self._pending.popleft()
+            gpu_ms = account_gpu_time(stats, done)
+            if gpu_ms is not None:
+                timed.append((done, gpu_ms))
+        return timed
+
+
+def _events(step: LaunchedStep) -> list[torch.cuda.Event]:
+    events = list(step.handle.gpu_span or ())
+    if events and step.gap_start is not None:
+        events.append(step.gap_start)
+        events += list(step.inline_encoder_span or ())
+    return events
+
+
 def account_gpu_time(stats: LoopStats, step: LaunchedStep) -> float | None:
-    """Add a collected step's GPU time and the idle gap before it (its events have completed); returns the step's
-    GPU ms (None off CUDA)."""
+    """Add a collected step's GPU time and the idle gap before it (its events must have completed); returns the
+    step's GPU ms (None off CUDA)."""
     span = step.handle.gpu_span
     if span is None:
         return None

@@ -24,7 +24,11 @@ WAIT_S=${MPS_WAIT_S:-15}
 
 say() { echo "mps_daemon: $*" >&2; }
 
-answers() {  # the control socket exists and accepts a connection
+answers() {  # a control socket that accepts a connection, or a control FIFO with the daemon alive behind it
+    if [ -p "$CONTROL" ]; then
+        is_daemon "$(daemon_pid)"
+        return
+    fi
     [ -S "$CONTROL" ] || return 1
     python3 - "$CONTROL" <<'EOF' 2>/dev/null
 import socket, sys
@@ -74,7 +78,9 @@ case ${1:-} in
             fi
             sleep 0.1
         done
-        say "started, but its control socket $CONTROL does not answer after ${WAIT_S}s; stopping it"
+        say "started, but its control socket $CONTROL does not answer after ${WAIT_S}s; stopping it." \
+            "In $CUDA_MPS_PIPE_DIRECTORY: $(ls -l "$CUDA_MPS_PIPE_DIRECTORY" 2>&1 | tr '\n' ';')" \
+            "control.log: $(tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>&1 | tr '\n' ';')"
         "$0" stop
         exit 1
         ;;

@@ -15,30 +15,42 @@ FAKE_CONTROL = textwrap.dedent("""\
     #!/usr/bin/env python3
     import os, socket, sys
     control = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
+    fifo = os.environ.get("FAKE_MPS_CONTROL") == "fifo"  # a named pipe instead of a UNIX socket
     if sys.argv[1:] == ["-d"]:
         if os.fork():
             sys.exit(0)  # like the daemon: the caller returns at once, the daemon runs on
         os.setsid()
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(control)
-        server.listen(8)
+        if fifo:
+            os.mkfifo(control)
+        else:
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(control)
+            server.listen(8)
         with open(os.path.join(os.environ["CUDA_MPS_LOG_DIRECTORY"], "control.log"), "a") as log:
             log.write(f"[2026-01-01 00:00:00.000 Control {os.getpid()}] Starting control daemon using socket {control}\\n")
         # like the real daemon on the H200 (driver 580): the caller's stdin, stdout and stderr stay open in it, so
         # a caller reading them to their end waits as long as the daemon runs
         while True:
-            connection, _ = server.accept()
-            command = connection.recv(64).strip()
-            connection.close()
+            if fifo:
+                with open(control) as commands:
+                    command = commands.read().strip().encode()
+            else:
+                connection, _ = server.accept()
+                command = connection.recv(64).strip()
+                connection.close()
             if command == b"quit":
                 os.unlink(control)
                 sys.exit(0)
+    elif fifo:
+        with open(control, "w") as commands:
+            commands.write(sys.stdin.read().strip())
     else:
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.connect(control)
         client.sendall(sys.stdin.read().strip().encode())
         client.close()
 """)
+
 
 
 @contextmanager

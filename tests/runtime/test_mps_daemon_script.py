@@ -18,10 +18,11 @@ from tests.runtime.fake_mps import fake_mps_environment
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
 
 
-@pytest.fixture
-def env():
+@pytest.fixture(params=["socket", "fifo"])
+def env(request):
+    """The daemon's control as a UNIX socket and as a named pipe (the MPS docs name both)."""
     with fake_mps_environment() as environment:
-        yield environment
+        yield {**environment, "FAKE_MPS_CONTROL": request.param}
 
 
 def _run(command: str, env: dict) -> subprocess.CompletedProcess:

@@ -25,7 +25,8 @@ from spaceserve.profile.timing import synchronize
 
 
 class DoesNotFit(RuntimeError):
-    """The step needs more KV blocks than the engine's cache has free."""
+    """The step needs more KV blocks than the engine's cache has free, or more sequences or tokens than one of its
+    steps may hold."""
 
 
 @dataclass
@@ -83,6 +84,12 @@ def _plain_token_limit(config) -> int:
 def _step(engine, shapes: Sequence[tuple[int, int, int]], rng, tag: str) -> SyntheticStep:
     """shapes: (prompt tokens, output tokens so far, tokens scheduled now) per sequence; the scheduled tokens are the
     last ones, everything before them counts as computed."""
+    limits = engine.config.scheduler
+    if len(shapes) > limits.max_num_seqs or sum(s[2] for s in shapes) > limits.max_num_batched_tokens:
+        # a serving engine's start-up profile runs within its own limits (the profile command raises them)
+        raise DoesNotFit(f"{len(shapes)} sequences and {sum(s[2] for s in shapes)} tokens in one step, past the "
+                         f"engine's max_num_seqs={limits.max_num_seqs} or "
+                         f"max_num_batched_tokens={limits.max_num_batched_tokens}")
     block_size = engine.config.cache.block_size
     needed = [-(-(prompt + output) // block_size) for prompt, output, _ in shapes]
     blocks = take_shuffled_blocks(engine, sum(needed), rng)

@@ -105,6 +105,19 @@ def test_startup_profile_and_engine_curves(engine, tmp_path):
     assert loaded.key.model == "tiny-qwen2-vl" and loaded.total_sms == 132
 
 
+def test_startup_profile_stays_within_the_engines_step_limits(engine):
+    """A serving engine's start-up grid may ask for a step it cannot take (on the H200: 256 decodes and a prefill
+    against max_num_seqs=256 killed the engine at start-up); such points are left to the curves' envelope."""
+    grid = CurveGrid("over", patches=(16,), batches=(0, 1, 4), contexts=(20,), prefill_tokens=(0, 16),
+                     min_iters=1, max_iters=1, warmup=0)
+    entry = profile_engine(engine, device_placements(engine.device, grid, None), grid, time_budget_s=30,
+                           key=curves_key(engine))
+    assert any("max_num_seqs=4" in error for error in entry["measured"]["errors"])
+    median = np.array(entry["curves"]["lm_step"]["median_ms"], dtype=float)  # None (unmeasured) reads as nan
+    assert np.isnan(median[0, 2, 0, 1]) and np.isfinite(median[0, 2, 0, 0]) and np.isfinite(median[0, 1, 0, 1])
+    ResourceCurves.from_entry(entry)
+
+
 def test_layout_and_device_placements():
     partition = SimpleNamespace(encoder_sms=48, lm_sms=84, encoder_stream="e48", lm_stream="l48")
     other = SimpleNamespace(encoder_sms=96, lm_sms=36, encoder_stream="e96", lm_stream="l96")

@@ -281,6 +281,7 @@ def run_checks(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.time_budget_s
     sections = set(filter(None, args.sections.split(",")))
+    bench_modes = set(filter(None, args.bench_modes.split(",")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
@@ -311,7 +312,7 @@ def run_checks(args) -> int:
         concurrency["no_mps"] = measure_concurrency(args.model, env, args.concurrency_s, None)
         (out / "concurrency.json").write_text(json.dumps(concurrency, indent=1))
     if "bench" in sections:
-        for mode in ("time", "space"):
+        for mode in [m for m in ("time", "space") if m in bench_modes]:
             if left() < 90:
                 print(f"skipping bench {mode}: {left():.0f} s left", flush=True)
                 continue
@@ -327,6 +328,8 @@ def run_checks(args) -> int:
                         ("mps", "mps", ["--encoder-mps-percentage", str(args.encoder_mps_percentage)]),
                         ("space", "space-process", ["--encoder-process"]),
                     ):
+                        if label not in bench_modes:
+                            continue
                         if left() < 90:
                             print(f"skipping bench {label}: {left():.0f} s left", flush=True)
                             continue
@@ -456,6 +459,8 @@ def main() -> int:
     parser.add_argument("--summarize", metavar="DIR")
     parser.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    parser.add_argument("--bench-modes", default="time,space,mps,space-process",
+                        help="the bench runs to make (labels), e.g. mps,space-process")
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=128)

@@ -32,9 +32,15 @@ answers() {  # a control socket that accepts a connection, or a control FIFO wit
     [ -S "$CONTROL" ] || return 1
     python3 - "$CONTROL" <<'EOF' 2>/dev/null
 import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(1.0)
-s.connect(sys.argv[1])
+for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM, socket.SOCK_DGRAM):  # a wrong kind fails with EPROTOTYPE
+    with socket.socket(socket.AF_UNIX, kind) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(sys.argv[1])
+            sys.exit(0)
+        except OSError:
+            pass
+sys.exit(1)
 EOF
 }
 

@@ -14,7 +14,7 @@ touches CUDA, or refuses if CUDA is already up with another value. `space` leave
 splits fence the processes.
 
 The control daemon listens on the UNIX socket `control` in the pipe directory (CUDA_MPS_PIPE_DIRECTORY, default
-/tmp/nvidia-mps); it is reachable when a connection to that socket succeeds. scripts/mps_daemon.sh starts and stops
+/tmp/nvidia-mps); it is reachable when a connection to that socket (of any kind) succeeds. scripts/mps_daemon.sh starts and stops
 one in a private directory.
 """
 
@@ -35,6 +35,9 @@ ACTIVE_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 DEFAULT_ENCODER_MPS_PERCENTAGE = 36
 """About the SMs space's smaller default split gives the encoder (48 of an H200's 132), so the two compare."""
 _CONNECT_TIMEOUT_S = 1.0
+_SOCKET_KINDS = (socket.SOCK_SEQPACKET, socket.SOCK_STREAM, socket.SOCK_DGRAM)
+"""Which kind the daemon's socket is is not documented; connecting with another kind fails (EPROTOTYPE). On the
+H200 (MPS 13.0) a running daemon's `control` socket refused a SOCK_STREAM connection."""
 
 Environment = Mapping[str, "str | None"]
 """Variables to set (None: to remove) in a process's environment."""
@@ -63,13 +66,17 @@ def mps_daemon_problem(environ: Mapping[str, str] | None = None) -> str | None:
         return None  # older daemons use a named pipe, which cannot be probed without talking to the daemon
     if not stat.S_ISSOCK(mode):
         return f"{control} is not the MPS control daemon's socket"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(_CONNECT_TIMEOUT_S)
-        try:
-            probe.connect(str(control))
-        except OSError as exc:
-            return f"the MPS control daemon at {control} does not answer ({exc}): a stale socket of a daemon that died?"
-    return None
+    errors = []
+    for kind in _SOCKET_KINDS:
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            probe.settimeout(_CONNECT_TIMEOUT_S)
+            try:
+                probe.connect(str(control))
+                return None
+            except OSError as exc:
+                errors.append(f"{kind.name}: {exc}")
+    return (f"the MPS control daemon at {control} does not answer ({'; '.join(errors)}): a stale socket of a daemon "
+            "that died?")
 
 
 def mps_percentages(config: EngineConfig) -> tuple[int, int]:

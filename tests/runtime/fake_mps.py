@@ -16,6 +16,7 @@ FAKE_CONTROL = textwrap.dedent("""\
     import os, socket, sys
     control = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control")
     fifo = os.environ.get("FAKE_MPS_CONTROL") == "fifo"  # a named pipe instead of a UNIX socket
+    kind = socket.SOCK_SEQPACKET if os.environ.get("FAKE_MPS_CONTROL") == "seqpacket" else socket.SOCK_STREAM
     if sys.argv[1:] == ["-d"]:
         if os.fork():
             sys.exit(0)  # like the daemon: the caller returns at once, the daemon runs on
@@ -23,7 +24,7 @@ FAKE_CONTROL = textwrap.dedent("""\
         if fifo:
             os.mkfifo(control)
         else:
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server = socket.socket(socket.AF_UNIX, kind)
             server.bind(control)
             server.listen(8)
         with open(os.path.join(os.environ["CUDA_MPS_LOG_DIRECTORY"], "control.log"), "a") as log:
@@ -45,7 +46,7 @@ FAKE_CONTROL = textwrap.dedent("""\
         with open(control, "w") as commands:
             commands.write(sys.stdin.read().strip())
     else:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = socket.socket(socket.AF_UNIX, kind)
         client.connect(control)
         client.sendall(sys.stdin.read().strip().encode())
         client.close()

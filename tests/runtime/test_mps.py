@@ -43,10 +43,10 @@ def pipe_dir():
         yield directory
 
 
-@pytest.fixture
-def daemon(pipe_dir):
-    """A listening socket where the control daemon's would be."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+@pytest.fixture(params=[socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
+def daemon(pipe_dir, request):
+    """A listening socket where the control daemon's would be, of either kind (its kind is not documented)."""
+    server = socket.socket(socket.AF_UNIX, request.param)
     server.bind(os.path.join(pipe_dir, "control"))
     server.listen(4)
     yield {PIPE_DIRECTORY_ENV: pipe_dir}

@@ -18,9 +18,10 @@ from tests.runtime.fake_mps import fake_mps_environment
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
 
 
-@pytest.fixture(params=["socket", "fifo"])
+@pytest.fixture(params=["socket", "seqpacket", "fifo"])
 def env(request):
-    """The daemon's control as a UNIX socket and as a named pipe (the MPS docs name both)."""
+    """The daemon's control as a stream or a packet UNIX socket and as a named pipe (the MPS docs name pipes and
+    sockets, not their kind)."""
     with fake_mps_environment() as environment:
         yield {**environment, "FAKE_MPS_CONTROL": request.param}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -32,8 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
-from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
+from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 from spaceserve.bench.capacity import (  # noqa: E402
     ATTAINMENT_THRESHOLD,
@@ -67,9 +65,7 @@ def main() -> int:
     parser.add_argument("--num-warmups", type=int, default=8)
     parser.add_argument("--prompt-len", default="64")
     parser.add_argument("--output-len", default="128")
-    parser.add_argument("--engine-args", default="", help="more engine flags, the same for every mode")
-    parser.add_argument("--out-dir", default=os.path.join(os.environ.get("OUT", "."), "capacity"))
-    parser.add_argument("--time-budget-s", type=float, default=560.0)
+    add_results_arguments(parser, "capacity", 560.0)
     args = parser.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize)))
@@ -77,11 +73,7 @@ def main() -> int:
     if not args.model:
         parser.error("give a model (or --summarize DIR)")
     rates = parse_rates(args.rates, args.step)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + args.time_budget_s
-    if not (out / "ceilings.json").exists():
-        (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
+    out, deadline = prepare_results(args, keep_ceilings=True)
     slos = args.slo or list(SLOS)
     runs: list[tuple[str, str, str, list[str]]] = []
     if args.policy_study:

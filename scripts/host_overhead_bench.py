@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -29,8 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
-from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
+from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 VARIANT_FLAGS = {
     "serial": ["--no-async-scheduling"],
@@ -51,19 +49,14 @@ def main() -> int:
     parser.add_argument("--variant-rates", default="16", help="rates of the A/B variant runs")
     parser.add_argument("--num-prompts", type=int, default=150)
     parser.add_argument("--output-len", default="128")
-    parser.add_argument("--engine-args", default="")
-    parser.add_argument("--out-dir", default=os.path.join(os.environ.get("OUT", "."), "host-overhead"))
-    parser.add_argument("--time-budget-s", type=float, default=540.0)
+    add_results_arguments(parser, "host-overhead", 540.0)
     args = parser.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return 0
     if not args.model:
         parser.error("give a model (or --summarize DIR)")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + args.time_budget_s
-    (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
+    out, deadline = prepare_results(args)
     workloads = args.workloads.split(",")
     runs: list[tuple[str, str, str, list[str]]] = []
     if "text-only" in workloads:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -27,8 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spaceserve.bench.sweep import result_rows, run_logged  # noqa: E402
-from spaceserve.profile.hardware import measure_ceilings  # noqa: E402
+from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 SLO = "ttft=2,tpot=0.05"
 
@@ -46,19 +44,14 @@ def main() -> int:
     parser.add_argument("--num-warmups", type=int, default=8)
     parser.add_argument("--output-len", default="128")
     parser.add_argument("--encoder-sms", type=int, default=None)
-    parser.add_argument("--engine-args", default="", help="more `spaceserve bench` engine flags, same for every mode")
-    parser.add_argument("--out-dir", default=os.path.join(os.environ.get("OUT", "."), "multiplex"))
-    parser.add_argument("--time-budget-s", type=float, default=560.0)
+    add_results_arguments(parser, "multiplex", 560.0)
     args = parser.parse_args()
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return 0
     if not args.model:
         parser.error("give a model (or --summarize DIR)")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + args.time_budget_s
-    (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
+    out, deadline = prepare_results(args)
 
     runs = []
     if not args.no_text_only:

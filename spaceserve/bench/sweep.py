@@ -1,15 +1,39 @@
-"""What the sweep scripts (scripts/multiplex_bench.py, capacity_sweep.py, host_overhead_bench.py) share: running one
-`spaceserve bench` command within the time left, logged to the results directory's commands.txt, and reading the
-result rows back."""
+"""What the sweep scripts (scripts/multiplex_bench.py, capacity_sweep.py, host_overhead_bench.py) share: their
+results-directory flags, the directory with the device's ceilings measured into it, running one `spaceserve bench`
+command within the time left, logged to the directory's commands.txt, and reading the result rows back."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from spaceserve.bench.report import read_jsonl
+
+
+def add_results_arguments(parser: argparse.ArgumentParser, out_name: str, time_budget_s: float) -> None:
+    """--engine-args (the same for every run), --out-dir (default $OUT/<out_name>) and --time-budget-s."""
+    parser.add_argument("--engine-args", default="", help="more engine flags, the same for every run")
+    parser.add_argument("--out-dir", default=os.path.join(os.environ.get("OUT", "."), out_name))
+    parser.add_argument("--time-budget-s", type=float, default=time_budget_s)
+
+
+def prepare_results(args: argparse.Namespace, keep_ceilings: bool = False) -> tuple[Path, float]:
+    """Make --out-dir and measure the device's ceilings into its ceilings.json (with `keep_ceilings`, only if a
+    call before did not); returns the directory and the monotonic deadline of --time-budget-s."""
+    from spaceserve.profile.hardware import measure_ceilings
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.time_budget_s
+    if not (keep_ceilings and (out / "ceilings.json").exists()):
+        (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
+    return out, deadline
 
 
 def run_logged(command: list[str], out: Path, timeout_s: float, cwd: Path, what: str) -> int:

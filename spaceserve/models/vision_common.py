@@ -170,6 +170,31 @@ class VisionAttention(nn.Module):
         return self.proj(varlen_attention(q, k, v, segments).reshape(num_patches, -1))
 
 
+class PreNormVisionBlock(nn.Module):
+    """x + attn(norm1(x)), then + mlp(norm2(.)), with each residual add folded into the norm after it: the block
+    takes the previous block's MLP output and the residual stream before it (None at the first block, where x is
+    the stream) and returns its own MLP output and stream. The models give the norms and the MLP."""
+
+    def __init__(self, norm1: nn.Module, norm2: nn.Module, attn: VisionAttention, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.attn, self.mlp = norm1, norm2, attn, mlp
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: VarlenSegments,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = x, self.norm1(x)
+        else:
+            hidden, residual = self.norm1(x, residual)
+        hidden, residual = self.norm2(self.attn(hidden, cos, sin, segments), residual)
+        return self.mlp(hidden), residual
+
+
 class PatchMerger(nn.Module):
     """Folds each run of merge**2 patch rows into one language-model token: norm, concat, MLP."""
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from spaceserve.core.errors import ConfigError
-from spaceserve.layers.attention.varlen import VarlenSegments
 from spaceserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from spaceserve.layers.norm import RMSNorm
 from spaceserve.models.config import VisionConfig
 from spaceserve.models.vision_common import (
     PatchEmbed,
     PatchMerger,
+    PreNormVisionBlock,
     VisionAttention,
     VisionTower,
     activation,
@@ -42,30 +42,16 @@ class Qwen2_5_VisionMLP(nn.Module):
         return self.down_proj(apply_activation(self.gate_proj(x), self.hidden_act, up=self.up_proj(x)))
 
 
-class Qwen2_5_VisionBlock(nn.Module):
-    """As Qwen2VisionBlock (residual adds folded into the next norm), with RMSNorm and a SwiGLU MLP."""
+class Qwen2_5_VisionBlock(PreNormVisionBlock):
+    """RMSNorm and a SwiGLU MLP."""
 
     def __init__(self, config: VisionConfig) -> None:
-        super().__init__()
-        self.norm1 = RMSNorm(config.hidden_size)
-        self.norm2 = RMSNorm(config.hidden_size)
-        self.attn = VisionAttention(config.hidden_size, config.num_heads)
-        self.mlp = Qwen2_5_VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        segments: VarlenSegments,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = x, self.norm1(x)
-        else:
-            hidden, residual = self.norm1(x, residual)
-        hidden, residual = self.norm2(self.attn(hidden, cos, sin, segments), residual)
-        return self.mlp(hidden), residual
+        super().__init__(
+            RMSNorm(config.hidden_size),
+            RMSNorm(config.hidden_size),
+            VisionAttention(config.hidden_size, config.num_heads),
+            Qwen2_5_VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act),
+        )
 
 
 def window_side(config: VisionConfig) -> int:

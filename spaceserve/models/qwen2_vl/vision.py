@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spaceserve.layers.attention.varlen import VarlenSegments
 from spaceserve.layers.layer_norm import LayerNorm
 from spaceserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from spaceserve.models.config import VisionConfig
@@ -13,6 +12,7 @@ from spaceserve.models.vision_common import (
     VISION_NORM_EPS,
     PatchEmbed,
     PatchMerger,
+    PreNormVisionBlock,
     VisionAttention,
     VisionTower,
     activation,
@@ -34,32 +34,16 @@ class Qwen2VisionMLP(nn.Module):
         return self.fc2(apply_activation(self.fc1(x), self.hidden_act))
 
 
-class Qwen2VisionBlock(nn.Module):
-    """x + attn(norm1(x)), then + mlp(norm2(.)), with each residual add folded into the norm after it: the block
-    takes the previous block's MLP output and the residual stream before it (None at the first block, where x is
-    the stream) and returns its own MLP output and stream."""
+class Qwen2VisionBlock(PreNormVisionBlock):
+    """LayerNorm and a two-layer MLP."""
 
     def __init__(self, config: VisionConfig) -> None:
-        super().__init__()
-        self.norm1 = LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
-        self.norm2 = LayerNorm(config.hidden_size, eps=VISION_NORM_EPS)
-        self.attn = VisionAttention(config.hidden_size, config.num_heads)
-        self.mlp = Qwen2VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        segments: VarlenSegments,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = x, self.norm1(x)
-        else:
-            hidden, residual = self.norm1(x, residual)
-        hidden, residual = self.norm2(self.attn(hidden, cos, sin, segments), residual)
-        return self.mlp(hidden), residual
+        super().__init__(
+            LayerNorm(config.hidden_size, eps=VISION_NORM_EPS),
+            LayerNorm(config.hidden_size, eps=VISION_NORM_EPS),
+            VisionAttention(config.hidden_size, config.num_heads),
+            Qwen2VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act),
+        )
 
 
 class Qwen2VisionTransformer(VisionTower):

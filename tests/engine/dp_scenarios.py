@@ -38,6 +38,19 @@ def make_model_dir(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model both backends' modules serve (import this fixture and `reference` into the module)."""
+    return make_model_dir(tmp_path_factory.mktemp("dp-model"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    llm = reference_llm(model_dir)
+    yield llm
+    llm.llm_engine.shutdown()
+
+
 def start_engine(model_dir: Path, **data_parallel) -> AsyncLLM:
     return AsyncLLM.from_engine_args(EngineArgs(model=str(model_dir), **ENGINE_KWARGS, **data_parallel))
 

@@ -12,19 +12,8 @@ from spaceserve.engine.data_parallel.launch import mp_device_envs, shared_gpu_co
 from spaceserve.server.app import create_app
 from spaceserve.server.args import ServerArgs
 from tests.engine import dp_scenarios
+from tests.engine.dp_scenarios import model_dir, reference  # noqa: F401 - module-scoped fixtures
 from tests.server.conftest import ThreadedServer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return dp_scenarios.make_model_dir(tmp_path_factory.mktemp("dp-model"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    llm = dp_scenarios.reference_llm(model_dir)
-    yield llm
-    llm.llm_engine.shutdown()
 
 
 @pytest.fixture(scope="module")

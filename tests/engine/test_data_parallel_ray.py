@@ -7,20 +7,9 @@ import pytest
 
 from spaceserve.core.errors import ConfigError
 from tests.engine import dp_scenarios
+from tests.engine.dp_scenarios import model_dir, reference  # noqa: F401 - module-scoped fixtures
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return dp_scenarios.make_model_dir(tmp_path_factory.mktemp("dp-ray-model"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    llm = dp_scenarios.reference_llm(model_dir)
-    yield llm
-    llm.llm_engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,21 @@ WAIT_S=${MPS_WAIT_S:-15}
 
 say() { echo "mps_daemon: $*" >&2; }
 
-answers() {  # a control socket that accepts a connection, or a control FIFO with the daemon alive behind it
+answers() {  # a control socket that accepts a connection or a daemon that answers its own client, or a control
+             # FIFO with the daemon alive behind it
     if [ -p "$CONTROL" ]; then
         is_daemon "$(daemon_pid)"
         return
     fi
     [ -S "$CONTROL" ] || return 1
+    connects || client_answers
+}
+
+client_answers() {  # the documented interface: the control client asks the daemon for its servers
+    echo get_server_list | timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1
+}
+
+connects() {
     python3 - "$CONTROL" <<'EOF' 2>/dev/null
 import socket, sys
 for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM, socket.SOCK_DGRAM):  # a wrong kind fails with EPROTOTYPE
@@ -86,7 +95,8 @@ case ${1:-} in
         done
         say "started, but its control socket $CONTROL does not answer after ${WAIT_S}s; stopping it." \
             "In $CUDA_MPS_PIPE_DIRECTORY: $(ls -l "$CUDA_MPS_PIPE_DIRECTORY" 2>&1 | tr '\n' ';')" \
-            "control.log: $(tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>&1 | tr '\n' ';')"
+            "control.log: $(tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>&1 | tr '\n' ';')" \
+            "get_server_list: $(echo get_server_list | timeout 10 nvidia-cuda-mps-control 2>&1 | tail -n 3 | tr '\n' ';')"
         "$0" stop
         exit 1
         ;;

@@ -14,15 +14,18 @@ touches CUDA, or refuses if CUDA is already up with another value. `space` leave
 splits fence the processes.
 
 The control daemon listens on the UNIX socket `control` in the pipe directory (CUDA_MPS_PIPE_DIRECTORY, default
-/tmp/nvidia-mps); it is reachable when a connection to that socket (of any kind) succeeds. scripts/mps_daemon.sh starts and stops
-one in a private directory.
+/tmp/nvidia-mps); it is reachable when a connection to that socket (of any kind) succeeds or, failing that, when its
+own client (`nvidia-cuda-mps-control`, the documented interface) gets an answer to `get_server_list`.
+scripts/mps_daemon.sh starts and stops one in a private directory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
@@ -35,6 +38,8 @@ ACTIVE_THREAD_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 DEFAULT_ENCODER_MPS_PERCENTAGE = 36
 """About the SMs space's smaller default split gives the encoder (48 of an H200's 132), so the two compare."""
 _CONNECT_TIMEOUT_S = 1.0
+CONTROL_CLIENT = "nvidia-cuda-mps-control"
+_CLIENT_TIMEOUT_S = 10.0
 _SOCKET_KINDS = (socket.SOCK_SEQPACKET, socket.SOCK_STREAM, socket.SOCK_DGRAM)
 """Which kind the daemon's socket is is not documented; connecting with another kind fails (EPROTOTYPE). On the
 H200 (MPS 13.0) a running daemon's `control` socket refused a SOCK_STREAM connection."""
@@ -75,8 +80,30 @@ def mps_daemon_problem(environ: Mapping[str, str] | None = None) -> str | None:
                 return None
             except OSError as exc:
                 errors.append(f"{kind.name}: {exc}")
-    return (f"the MPS control daemon at {control} does not answer ({'; '.join(errors)}): a stale socket of a daemon "
-            "that died?")
+    client_problem = _control_client_problem(control.parent)
+    if client_problem is None:
+        return None
+    return (f"the MPS control daemon at {control} does not answer (connecting: {'; '.join(errors)}; "
+            f"{client_problem}): a stale socket of a daemon that died?")
+
+
+def _control_client_problem(pipe_dir: Path) -> str | None:
+    """None when the daemon's own client gets an answer to `get_server_list` through `pipe_dir`, else why not."""
+    client = shutil.which(CONTROL_CLIENT)
+    if client is None:
+        return f"{CONTROL_CLIENT} is not on PATH to ask it"
+    env = {**os.environ, PIPE_DIRECTORY_ENV: str(pipe_dir)}
+    try:
+        asked = subprocess.run([client], input="get_server_list\n", env=env, capture_output=True, text=True,
+                               timeout=_CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"`{CONTROL_CLIENT}` get_server_list got no answer in {_CLIENT_TIMEOUT_S:.0f} s"
+    except OSError as exc:
+        return f"`{CONTROL_CLIENT}` could not run: {exc}"
+    if asked.returncode == 0:
+        return None
+    said = " ".join((asked.stderr or asked.stdout).split())[-200:]
+    return f"`{CONTROL_CLIENT}` get_server_list exited {asked.returncode}: {said or 'no message'}"
 
 
 def mps_percentages(config: EngineConfig) -> tuple[int, int]:

@@ -131,3 +131,32 @@ def test_the_lm_percentage_is_set_before_cuda_starts_and_refused_after(daemon):
     environ[ACTIVE_THREAD_PERCENTAGE_ENV] = "100"
     with pytest.raises(MPSUnavailableError, match="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=75.*already initialised"):
         prepare_engine_process(config, cuda_available=True, cuda_initialized=True, environ=environ)
+
+
+def test_a_daemon_only_its_own_client_reaches_is_found_through_the_client(monkeypatch):
+    """On the H200 a raw connect to a running daemon's socket failed: the check then asks `get_server_list`."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.runtime.fake_mps import fake_mps_environment
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
+    with fake_mps_environment() as env:
+        env = {**env, "FAKE_MPS_CONTROL": "hidden"}
+        pipe = {PIPE_DIRECTORY_ENV: f"{env['SPACESERVE_MPS_DIR']}/pipe"}
+        monkeypatch.setenv("PATH", env["PATH"])
+        monkeypatch.setenv("FAKE_MPS_CONTROL", "hidden")
+        started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stderr
+        try:
+            assert mps_daemon_problem(pipe) is None
+        finally:
+            subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=60)
+        gone = mps_daemon_problem(pipe)
+        assert "does not exist" in gone
+        os.makedirs(pipe[PIPE_DIRECTORY_ENV], exist_ok=True)
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(os.path.join(pipe[PIPE_DIRECTORY_ENV], "control"))
+        stale.close()
+        problem = mps_daemon_problem(pipe)
+        assert "does not answer" in problem and "get_server_list exited 1" in problem, problem

@@ -18,10 +18,11 @@ from tests.runtime.fake_mps import fake_mps_environment
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mps_daemon.sh"
 
 
-@pytest.fixture(params=["socket", "seqpacket", "fifo"])
+@pytest.fixture(params=["socket", "seqpacket", "fifo", "hidden"])
 def env(request):
-    """The daemon's control as a stream or a packet UNIX socket and as a named pipe (the MPS docs name pipes and
-    sockets, not their kind)."""
+    """The daemon's control as a stream or a packet UNIX socket, as a named pipe (the MPS docs name pipes and
+    sockets, not their kind), and as a socket only the daemon's own client reaches (on the H200 a raw connect to a
+    running daemon's socket failed)."""
     with fake_mps_environment() as environment:
         yield {**environment, "FAKE_MPS_CONTROL": request.param}
 

@@ -179,6 +179,7 @@ def _workload_section(directory: Path, workload: str, rows: list[dict], text_onl
         lines.append(f"| {key[0]} | {key[1]:g} | {_f(r.get('mean_tpot_ms'))} | {_f(r.get('p99_tpot_ms'))} | "
                      f"{_f(r.get('p50_ttft_ms'), 0)} | {_f(r.get('p99_ttft_ms'), 0)} | "
                      f"{_f(r.get('request_throughput'), 2)} |")
+    lines += _allocator_table(rows)
     lines += ["", "Targets:", ""] + [c.line() for c in check_targets(rows + text_only)] + [""]
     try:
         _plot(directory, workload, rows + text_only, slos)
@@ -186,6 +187,37 @@ def _workload_section(directory: Path, workload: str, rows: list[dict], text_onl
     except Exception as exc:  # noqa: BLE001 - a missing plot never hides the numbers
         lines += [f"(no plot: {exc})", ""]
     return lines
+
+
+def _allocator_table(rows: list[dict]) -> list[str]:
+    """What the SM allocator decided in each space run, and its predictions against the measured times (measured /
+    predicted of the run's sums; `curve`: the LM steps against the bare curve, before the learned correction)."""
+    lines, seen = [], set()
+    for r in sorted(rows, key=lambda r: (series_name(r), float(r["request_rate"]))):
+        counters = r.get("engine_counters") or {}
+        key = (series_name(r), float(r["request_rate"]))
+        if key in seen or not counters.get("allocator_lm_whole_decisions") and not counters.get(
+                "allocator_split_decisions"):
+            continue
+        seen.add(key)
+        decisions = "/".join(str(int(counters.get(f"allocator_{p}_decisions", 0)))
+                             for p in ("lm_whole", "split", "encoder_whole", "prefill_split"))
+        ratios = [_ratio(counters, kind) for kind in ("lm_step", "lm_step_curve", "encoder_batch", "decode_gap")]
+        lines.append(f"| {key[0]} | {key[1]:g} | {decisions} | " + " | ".join(ratios)
+                     + f" | {int(counters.get('allocator_tpot_violations', 0))} |")
+    if not lines:
+        return []
+    return ["", "SM allocator (space rows): decisions LM whole / split / encoder whole / prefill split; measured / "
+            "predicted time, summed over the run (steps counted)", "",
+            "| series | rate | decisions | LM step | LM step vs bare curve | encoder batch | decode gap | gaps > TPOT "
+            "SLO |", "|---|---|---|---|---|---|---|---|", *lines]
+
+
+def _ratio(counters: dict, kind: str) -> str:
+    predicted, count = counters.get(f"allocator_{kind}_predicted_s"), counters.get(f"allocator_{kind}_count")
+    if not predicted or not count:
+        return "-"
+    return f"{counters[f'allocator_{kind}_actual_s'] / predicted:.2f} ({int(count)})"
 
 
 def _policy_section(rows: list[dict]) -> list[str]:

@@ -1,6 +1,8 @@
 """The engine side of the SM allocator (`space`): before each LM step and encoder dispatch it reads the queues, asks
 the allocator (sched/allocator.py, pure) where the next encoder batch runs and how many prefill tokens the LM step
-may take, and records each decision's predictions against what was measured (allocation_counters.py).
+may take, and records each decision's predictions against what was measured (allocation_counters.py). From the LM
+steps' measured GPU times it learns how much slower than their curves they run, beside the encoder and alone
+(prediction_correction.py), and hands the allocator those factors.
 
 The allocator chooses among the splits the execution layout made (green contexts and their streams, with graphs
 captured on each), plus the whole device for either side. Its curves come from `--sm-curves` or, without a file, from
@@ -19,6 +21,7 @@ from spaceserve.sched.allocation_state import allocator_state
 from spaceserve.sched.allocation_types import Allocation, AllocatorConfig, EncoderInFlight, Placement
 from spaceserve.sched.allocator import SMAllocator
 from spaceserve.sched.encoder_scheduler import EncoderScheduler
+from spaceserve.sched.prediction_correction import StepTimeCorrection
 from spaceserve.sched.resource_curves import ResourceCurves
 from spaceserve.sched.scheduler import Scheduler
 
@@ -44,6 +47,9 @@ class SMAllocation:
                            "encoder runs on the whole device only", sorted(granted))
         self.total_sms = curves.total_sms
         self.counters = AllocatorCounters()
+        self.lm_step_split = StepTimeCorrection()
+        """Measured / curve GPU time of LM steps on a split, beside the encoder."""
+        self.lm_step_whole = StepTimeCorrection()
         self._in_flight: list[_BatchInFlight] = []
         self._last_decode_output: float | None = None
         logger.info("SM allocator: splits %s of %d SMs, TPOT SLO %.0f ms, TTFT SLO %.0f ms",
@@ -65,7 +71,8 @@ class SMAllocation:
             ids = frozenset().union(*(b.request_ids for b in self._in_flight))
             in_flight = EncoderInFlight(batch.encoder_sms, max(b.ends_at for b in self._in_flight), ids)
         stalled = 0.0 if self._last_decode_output is None else (now - self._last_decode_output) * 1e3
-        state = allocator_state(scheduler, encoder_scheduler, now, in_flight=in_flight, decode_stalled_ms=stalled)
+        state = allocator_state(scheduler, encoder_scheduler, now, in_flight=in_flight, decode_stalled_ms=stalled,
+                                lm_step_scales=(self.lm_step_split.factor, self.lm_step_whole.factor))
         decision = self.allocator.decide(state)
         self.counters.record_decision(decision)
         return decision
@@ -91,8 +98,12 @@ class SMAllocation:
 
     def lm_step_timed(self, decision: Allocation | None, gpu_ms: float) -> None:
         """A step's GPU time, once its events completed (possibly a few steps after it was collected)."""
-        if decision is not None:
-            self.counters.record_lm_step(decision, gpu_ms)
+        if decision is None:
+            return
+        self.counters.record_lm_step(decision, gpu_ms)
+        if decision.lm_step_curve_ms is not None:
+            correction = self.lm_step_whole if decision.lm_sms >= self.total_sms else self.lm_step_split
+            correction.observe(decision.lm_step_curve_ms, gpu_ms)
 
     def lm_step_collected(self, decision: Allocation | None, decoded: bool) -> None:
         now = time.monotonic()

@@ -2,7 +2,8 @@
 counters and /metrics.
 
 The engine records, for each decision it acts on, the measured time of what the decision predicted: the LM step
-(`record_lm_step`), the encoder batch (`record_encoder_batch`), the prefill step beside a decode step
+(`record_lm_step`; and against the bare curve, `lm_step_curve`, whose ratio is the interference the allocator
+corrects for), the encoder batch (`record_encoder_batch`), the prefill step beside a decode step
 (`record_prefill_step`), and the gap the running decodes saw (`record_decode_gap`). Each kind keeps totals
 (count, predicted, actual, absolute error, and how often the actual time exceeded the prediction by more than
 `UNDER_PREDICTION_SLACK`), so any window's mean error is a difference of two snapshots, as for the other loop
@@ -17,7 +18,7 @@ from spaceserve.sched.allocation_types import Allocation, Placement
 
 UNDER_PREDICTION_SLACK = 1.2
 """An actual time above this multiple of its prediction counts as under-predicted."""
-PREDICTION_KINDS = ("lm_step", "encoder_batch", "prefill_step", "decode_gap")
+PREDICTION_KINDS = ("lm_step", "lm_step_curve", "encoder_batch", "prefill_step", "decode_gap")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class AllocatorCounters:
     def record_lm_step(self, decision: Allocation, actual_ms: float) -> None:
         if decision.predicted_lm_step_ms is not None:
             self.predictions["lm_step"].add(decision.predicted_lm_step_ms, actual_ms)
+        if decision.lm_step_curve_ms is not None:
+            self.predictions["lm_step_curve"].add(decision.lm_step_curve_ms, actual_ms)
 
     def record_encoder_batch(self, decision: Allocation, actual_ms: float) -> None:
         if decision.predicted_encoder_batch_ms is not None:

@@ -25,7 +25,9 @@ def allocator_state(
     *,
     in_flight: EncoderInFlight | None = None,
     decode_stalled_ms: float = 0.0,
+    lm_step_scales: tuple[float, float] = (1.0, 1.0),
 ) -> AllocatorState:
+    """`lm_step_scales`: measured / curve LM step time on a split and on the whole device (the engine learns them)."""
     pending, contexts, remaining = [], [], []
     for request in scheduler.requests.values():
         if request.is_finished:
@@ -48,6 +50,8 @@ def allocator_state(
         decode_remaining_tokens=tuple(remaining),
         encoder_in_flight=in_flight,
         decode_stalled_ms=decode_stalled_ms,
+        lm_step_scale_split=lm_step_scales[0],
+        lm_step_scale_whole=lm_step_scales[1],
     )
 
 

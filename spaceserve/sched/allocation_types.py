@@ -118,6 +118,10 @@ class AllocatorState:
     encoder_in_flight: EncoderInFlight | None = None
     decode_stalled_ms: float = 0.0
     """How long the running decodes have already waited for their next token (e.g. behind a whole-device batch)."""
+    lm_step_scale_split: float = 1.0
+    """Measured / curve time of LM steps on a split, beside the encoder (prediction_correction.py)."""
+    lm_step_scale_whole: float = 1.0
+    """The same for LM steps on the whole device."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class Allocation:
     """PREFILL_SPLIT: the SMs the prefill step runs on (the compute side); 0 otherwise."""
     predicted_lm_step_ms: float | None = None
     """The LM step with the prefill tokens ready now (up to `prefill_tokens`); None: no LM step."""
+    lm_step_curve_ms: float | None = None
+    """That step's GPU time on the curve alone (before the state's scale and the overhead), for learning the scale."""
     predicted_encoder_batch_ms: float | None = None
     predicted_prefill_step_ms: float | None = None
     predicted_decode_gap_ms: float | None = None

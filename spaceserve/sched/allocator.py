@@ -73,7 +73,11 @@ class _Situation:
     alone_gap_ms: float
     """A decode-only step on the whole GPU."""
     step: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    """(LM SMs, prefill chunk) -> predicted ms of a step with the running decodes (overhead included)."""
+    """(LM SMs, prefill chunk) -> predicted ms of a step with the running decodes (scaled, overhead included)."""
+    prefill_only: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    """The same for a prefill step with no decodes (PREFILL_SPLIT's compute side)."""
+    scale_split: float
+    scale_whole: float
 
     chunk_grid: np.ndarray
     """The prefill chunks a step may take (multiples of the granularity, and the largest)."""
@@ -98,7 +102,7 @@ class SMAllocator:
         self.config = config or AllocatorConfig()
         self.total_sms = curves.total_sms
         self.splits: tuple[Split, ...] = curves.usable_splits()
-        self._prefill_only = self._step_function(curves.lm_step.section(batch=0, context=0), 0)
+        self._prefill_section = curves.lm_step.section(batch=0, context=0)
 
     # ---- predictions (the engine uses them too, for the step it actually ran) ------------------------------
 
@@ -107,14 +111,18 @@ class SMAllocator:
         step = self.curves.lm_step_ms(sms, batch, context, prefill_tokens)
         return np.where(busy, step + self.config.lm_step_overhead_ms, 0.0)
 
-    def _step_function(self, section, num_decodes: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        overhead = self.config.lm_step_overhead_ms
+    def _step_function(self, section, num_decodes: int, scale_split: float = 1.0,
+                       scale_whole: float = 1.0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """The curve section scaled by what the engine measured (a step on fewer than all SMs runs beside the
+        encoder), plus the overhead."""
+        overhead, total = self.config.lm_step_overhead_ms, self.total_sms
 
         def step(sms, chunk):
             sms, chunk = np.broadcast_arrays(np.asarray(sms, dtype=np.float64), np.asarray(chunk, dtype=np.float64))
+            timed = section(sms, chunk) * np.where(sms >= total, scale_whole, scale_split) + overhead
             if num_decodes:
-                return section(sms, chunk) + overhead
-            return np.where(chunk > 0, section(sms, chunk) + overhead, 0.0)
+                return timed
+            return np.where(chunk > 0, timed, 0.0)
 
         return step
 
@@ -222,7 +230,9 @@ class SMAllocator:
         pending_tokens = int(tokens.sum())
         granule = config.prefill_granularity
         largest = min(max(0, config.max_num_batched_tokens - num_decodes), -(-pending_tokens // granule) * granule)
-        step = self._step_function(self.curves.lm_step.section(batch=num_decodes, context=context), num_decodes)
+        scales = (_valid_scale(state.lm_step_scale_split), _valid_scale(state.lm_step_scale_whole))
+        step = self._step_function(self.curves.lm_step.section(batch=num_decodes, context=context), num_decodes,
+                                   *scales)
         alone = float(step(self.total_sms, 0)) if num_decodes else 0.0
         remaining = state.decode_remaining_tokens
         if not num_decodes:
@@ -244,6 +254,9 @@ class SMAllocator:
             largest_chunk=int(largest),
             alone_gap_ms=alone,
             step=step,
+            prefill_only=self._step_function(self._prefill_section, 0, *scales),
+            scale_split=scales[0],
+            scale_whole=scales[1],
             chunk_grid=np.unique(np.append(np.arange(0, largest + 1, granule), largest)),
         )
 
@@ -283,7 +296,7 @@ class SMAllocator:
         decode_c = np.full(count, situation.alone_gap_ms)
         # PREFILL_SPLIT: decode-only steps on the LM side; prefill steps on the compute side once the encoder is done
         largest = situation.largest_chunk
-        prefill_step = self._prefill_only(pf_sms, largest)
+        prefill_step = situation.prefill_only(pf_sms, largest)
         prefill_rate = np.where(prefill_step > 0, largest / np.maximum(prefill_step, 1e-9), 0.0)
         rate_b, gap_b = np.where(prefill_split, 0.0, rate_b), np.where(prefill_split, decode_b, gap_b)
         rate_c, gap_c = np.where(prefill_split, prefill_rate, rate_c), np.where(prefill_split, decode_b, gap_c)
@@ -308,7 +321,7 @@ class SMAllocator:
         cost = (result.ttft_ms.sum(axis=1) + config.decode_delay_weight * result.decode_delay_ms
                 + config.penalty_ms * misses)
         mean_ttft = result.ttft_ms.mean(axis=1) if situation.backlog.size else np.full(count, np.nan)
-        return {"cost": cost, "tpot_ok": tpot_ok, "gap_now": gap_now, "step_ready": step_ready,
+        return {"cost": cost, "tpot_ok": tpot_ok, "gap_now": gap_now, "step_ready": step_ready, "step_sms": step_sms,
                 "chunk_now": chunk_now, "first_batch_ms": first_batch_ms, "prefill_step": prefill_step,
                 "misses": misses, "mean_ttft": mean_ttft}
 
@@ -331,9 +344,12 @@ class SMAllocator:
         prefill_split = plan.placement is Placement.PREFILL_SPLIT
         decodes = situation.num_decodes
         chunk = 0 if whole_first else int(max(ev["chunk_now"][pick], 0))
-        lm_step = None
+        lm_step = curve = None
         if not whole_first and (decodes or (chunk and situation.ready_now_tokens and not prefill_split)):
             lm_step = float(ev["step_ready"][pick])
+            whole = ev["step_sms"][pick] >= self.total_sms
+            scale = situation.scale_whole if whole else situation.scale_split
+            curve = max(0.0, lm_step - self.config.lm_step_overhead_ms) / scale
         mean_ttft = ev["mean_ttft"][pick]
         return Allocation(
             placement=plan.placement,
@@ -342,6 +358,7 @@ class SMAllocator:
             prefill_tokens=chunk,
             prefill_sms=plan.prefill_sms if prefill_split else 0,
             predicted_lm_step_ms=lm_step,
+            lm_step_curve_ms=curve,
             predicted_encoder_batch_ms=float(ev["first_batch_ms"][pick]) if has_batch else None,
             predicted_prefill_step_ms=float(ev["prefill_step"][pick]) if prefill_split and chunk else None,
             predicted_decode_gap_ms=float(ev["gap_now"][pick]) if decodes else None,
@@ -366,6 +383,12 @@ class SMAllocator:
                               reason="whole-device batch in flight: the decodes cannot wait for it, they share the GPU")
         return Allocation(Placement.ENCODER_WHOLE, 0, 0, 0, predicted_decode_gap_ms=gap if decodes else None,
                           reason="whole-device batch in flight: the LM waits for it")
+
+
+def _valid_scale(scale: float) -> float:
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"an LM step scale must be a positive number, got {scale}")
+    return float(scale)
 
 
 def _describe(plan: _Plan, total: int) -> str:

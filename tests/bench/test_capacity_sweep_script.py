@@ -43,9 +43,14 @@ def test_sweep_runs_its_bench_commands_and_the_policy_study(tmp_path):
 
 def test_summary_states_capacities_and_targets(tmp_path):
     rows = []
+    allocator = {"allocator_lm_whole_decisions": 30, "allocator_split_decisions": 12, "allocator_lm_step_count": 40,
+                 "allocator_lm_step_predicted_s": 0.2, "allocator_lm_step_actual_s": 0.22,
+                 "allocator_lm_step_curve_count": 40, "allocator_lm_step_curve_predicted_s": 0.1,
+                 "allocator_lm_step_curve_actual_s": 0.22, "allocator_tpot_violations": 3}
     for rate, space_att, time_att in ((4, 1.0, 1.0), (8, 0.97, 0.6), (12, 0.5, 0.1)):
         for slo in (SLO25, SLO50):
-            rows.append(row("space", rate, slo, space_att, tpot=3.0, ttft=110.0) | {"model": "m", "device": "d"})
+            rows.append(row("space", rate, slo, space_att, tpot=3.0, ttft=110.0)
+                        | {"model": "m", "device": "d", "engine_counters": allocator})
             rows.append(row("time", rate, slo, time_att, tpot=30.0, ttft=100.0) | {"model": "m", "device": "d"})
         rows.append(row("time", rate, SLO50, 1.0, workload="text-only", p99_tpot=5.0) | {"model": "m", "device": "d"})
     (tmp_path / "image-mix.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["workload"] != "text-only"))
@@ -56,4 +61,7 @@ def test_summary_states_capacities_and_targets(tmp_path):
     assert "space TTFT p50 / time TTFT p50 at the lightest rate (4): 1.10 (target <= 1.2): met" in text
     assert "time mean TPOT / space mean TPOT at the highest rate (12): 10.00 (target >= 10): met" in text
     assert "space p99 TPOT / text-only p99 TPOT" in text and "1.20" in text
+    # the allocator's table: decisions, measured / predicted with and without the learned correction
+    assert "| space/fcfs | 4 | 30/12/0/0 | 1.10 (40) | 2.20 (40) | - | - | 3 |" in text
+    assert "| time/fcfs | 4 | 30/" not in text
     assert load_script().parse_rates("4:5", 1.15) == [4.0, 4.6, 5.29]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from spaceserve import SamplingParams
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.runtime.multiplex import ExecutionLayout
@@ -95,5 +97,36 @@ def test_a_layout_split_outside_the_curves_is_not_offered():
         # the encoder curve starts at 64 SMs: a 32-SM encoder side would be extrapolated, so it is not offered
         allocation = SMAllocation(engine.core.config, fake_curves(encoder_sms=(64, 96, TOTAL_SMS)), (32, 64, 96))
         assert [s.encoder_sms for s in allocation.allocator.splits] == [64, 96]
+    finally:
+        engine.shutdown()
+
+
+def test_measured_lm_steps_teach_the_allocator_their_slowdown():
+    from spaceserve.sched.allocation_types import Allocation, Placement
+
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", max_model_len=256, device="cpu").llm_engine
+    try:
+        _space_on_cpu(engine)
+        allocation = engine.core.allocation
+        on_split = Allocation(Placement.SPLIT, 64, TOTAL_SMS - 64, 128, predicted_lm_step_ms=5.0,
+                              lm_step_curve_ms=4.0)
+        whole = Allocation(Placement.LM_WHOLE, 0, TOTAL_SMS, 128, predicted_lm_step_ms=4.0, lm_step_curve_ms=3.0)
+        for _ in range(60):
+            allocation.lm_step_timed(on_split, 8.0)  # beside the encoder: twice its curve
+            allocation.lm_step_timed(whole, 3.3)
+        allocation.lm_step_timed(None, 99.0)  # a step scheduled without a decision teaches nothing
+        assert allocation.lm_step_split.factor > 1.9 and 1.05 < allocation.lm_step_whole.factor < 1.15
+        seen = []
+        real_decide = allocation.allocator.decide
+        allocation.allocator.decide = lambda state: seen.append(state) or real_decide(state)
+        engine.add_request("a prompt to weigh", SamplingParams(temperature=0, max_tokens=2), "r")
+        engine.step()
+        assert seen and seen[0].lm_step_scale_split == allocation.lm_step_split.factor
+        assert seen[0].lm_step_scale_whole == allocation.lm_step_whole.factor
+        counters = engine.loop_counters()
+        assert counters["allocator_lm_step_curve_count"] == 120
+        assert counters["allocator_lm_step_curve_actual_s"] == pytest.approx(60 * (8.0 + 3.3) / 1e3)
+        while engine.has_unfinished_requests():
+            engine.step()
     finally:
         engine.shutdown()

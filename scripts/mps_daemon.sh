@@ -59,7 +59,7 @@ daemon_pid() {  # from the daemon's log: "[... Control 12345] Starting control d
 }
 
 is_daemon() {  # the pid is (still) an MPS control daemon, not a process that reused its number
-    [ -n "$1" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q 'nvidia-cuda-mps-control'
+    [ -n "$1" ] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -q 'nvidia-cuda-mps-control'
 }
 
 exports() {

@@ -7,9 +7,12 @@ on what the encoder runs, so the factor is learned, not fixed: the engine feeds 
 measured GPU time, one factor for steps beside the encoder (the LM on a split) and one for steps on the whole device,
 and the allocator scales its LM curve by them (`AllocatorState.lm_step_scales`).
 
-The factor is an exponentially weighted mean of log(measured / curve), so one slow step moves it little and a ratio of
-2 and one of 0.5 average to 1; it stays 1 until `min_samples` steps were seen and is held within [low, high], so a
-burst of outliers cannot make the allocator believe the LM is many times slower than measured.
+The factor is the ratio of two exponentially weighted means, of the measured times and of the curve's, so a step
+counts by its length: measured on the H200 (commit 50a8fab) the short decode steps ran up to several times their
+curve (fixed costs the curve misses), the long prefill steps 1.1-1.8x, and a mean of per-step ratios (tried first)
+learned 4x and over-predicted the long steps threefold; what a decision needs right is the long steps. Each step's
+measured time is clipped to [low, high] times its curve before it enters the mean, so one stalled step cannot swing
+it; the factor stays 1 until `min_samples` steps were seen and within [low, high].
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from dataclasses import dataclass
 @dataclass
 class StepTimeCorrection:
     weight: float = 0.05
-    """Weight of the newest step in the mean (about the last 1 / weight steps count)."""
+    """Weight of the newest step in the means (about the last 1 / weight steps count)."""
     min_samples: int = 8
     low: float = 0.5
     high: float = 4.0
     samples: int = 0
-    _mean_log: float = 0.0
+    _curve_ms: float = 0.0
+    _measured_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.weight <= 1 and self.min_samples >= 1 and 0 < self.low <= 1 <= self.high):
@@ -35,14 +39,15 @@ class StepTimeCorrection:
     def observe(self, curve_ms: float, measured_ms: float) -> None:
         if not (curve_ms > 0 and measured_ms > 0 and math.isfinite(curve_ms) and math.isfinite(measured_ms)):
             return  # nothing predicted, or a step with no GPU time: no evidence either way
-        ratio = math.log(measured_ms / curve_ms)
-        # the first steps set the mean outright; afterwards each moves it by `weight`
+        measured_ms = min(self.high * curve_ms, max(self.low * curve_ms, measured_ms))
+        # the first steps make a plain mean; afterwards each moves the means by `weight`
         weight = max(self.weight, 1.0 / (self.samples + 1))
-        self._mean_log += weight * (ratio - self._mean_log)
+        self._curve_ms += weight * (curve_ms - self._curve_ms)
+        self._measured_ms += weight * (measured_ms - self._measured_ms)
         self.samples += 1
 
     @property
     def factor(self) -> float:
         if self.samples < self.min_samples:
             return 1.0
-        return min(self.high, max(self.low, math.exp(self._mean_log)))
+        return min(self.high, max(self.low, self._measured_ms / self._curve_ms))

@@ -90,6 +90,12 @@ def _step(engine, shapes: Sequence[tuple[int, int, int]], rng, tag: str) -> Synt
         raise DoesNotFit(f"{len(shapes)} sequences and {sum(s[2] for s in shapes)} tokens in one step, past the "
                          f"engine's max_num_seqs={limits.max_num_seqs} or "
                          f"max_num_batched_tokens={limits.max_num_batched_tokens}")
+    longest = max((prompt + output for prompt, output, _ in shapes), default=0)
+    if longest > engine.config.scheduler.max_model_len:
+        # the GPU run's start-up profile asked for 2048-token contexts in a 1024-token engine, which the input batch
+        # refused mid-profile
+        raise DoesNotFit(f"a sequence of {longest} tokens, past the engine's max_model_len="
+                         f"{engine.config.scheduler.max_model_len}")
     block_size = engine.config.cache.block_size
     needed = [-(-(prompt + output) // block_size) for prompt, output, _ in shapes]
     blocks = take_shuffled_blocks(engine, sum(needed), rng)

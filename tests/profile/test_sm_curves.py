@@ -118,6 +118,24 @@ def test_startup_profile_stays_within_the_engines_step_limits(engine):
     ResourceCurves.from_entry(entry)
 
 
+def test_startup_profile_stays_within_the_engines_model_length():
+    """On the H200 a 1024-token engine's start-up profile asked for 2048-token contexts and the input batch refused
+    them mid-profile; such points are left out like the others past the engine's limits."""
+    short = EngineCore(EngineArgs("tiny-qwen2-vl", kv_cache_memory_bytes=8 << 20, max_num_seqs=4,
+                                  max_model_len=64).create_engine_config())
+    try:
+        grid = CurveGrid("long", patches=(16,), batches=(0, 2), contexts=(20, 100), prefill_tokens=(0, 16),
+                         min_iters=1, max_iters=1, warmup=0)
+        entry = profile_engine(short, device_placements(short.device, grid, None), grid, time_budget_s=30,
+                               key=curves_key(short))
+        assert any("max_model_len=64" in error for error in entry["measured"]["errors"])
+        median = np.array(entry["curves"]["lm_step"]["median_ms"], dtype=float)
+        assert np.isnan(median[0, 1, 1, 0]) and np.isfinite(median[0, 1, 0, 0])  # batch 2: context 100 left out
+        short.check_idle_integrity()
+    finally:
+        short.shutdown()
+
+
 def test_layout_and_device_placements():
     partition = SimpleNamespace(encoder_sms=48, lm_sms=84, encoder_stream="e48", lm_stream="l48")
     other = SimpleNamespace(encoder_sms=96, lm_sms=36, encoder_stream="e96", lm_stream="l96")

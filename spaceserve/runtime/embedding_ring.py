@@ -149,6 +149,10 @@ class EmbeddingRing:
         source = self.buffer[slot, :num_rows]
         if stream is None:
             return source.clone()
+        if self.events:
+            # ordered on the device too, not only by the caller's query: under MPS (H200, driver 580) a query of the
+            # writer's event answered "done" right after it was recorded behind a ~1 s kernel (test_embedding_ring)
+            stream.wait_event(self.events[slot])
         with torch.cuda.stream(stream):
             rows = source.clone()
             stream.synchronize()

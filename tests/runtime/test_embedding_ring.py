@@ -112,3 +112,24 @@ def test_cuda_ipc_ring_and_interprocess_events_across_processes(tmp_path):
     finally:
         writer.stdin.close()
         assert writer.wait(60) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_copy_out_right_after_the_report_waits_for_the_writer_on_the_device(tmp_path):
+    """What the engine relies on, apart from the query: a copy-out issued as soon as the writer reports (its rows
+    still queued behind a ~1 s kernel) returns those rows, not the slot's old contents. Under MPS (H200, driver 580)
+    the query above said "written" too early; this says whether the device-side wait still orders the copy."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    ring = EmbeddingRing.allocate(2, 64, 1536, torch.bfloat16, device)
+    ring.buffer.fill_(3.0)
+    torch.cuda.synchronize()
+    writer = _start_writer(ring, tmp_path, slot=1, seed=5)
+    try:
+        assert writer.stdout.readline().strip() == "14"
+        rows = ring.copy_out(1, 14, torch.cuda.Stream(device), readers=(torch.cuda.current_stream(device),))
+        assert torch.equal(rows, _expected(5, 1536, torch.bfloat16, device))
+        assert bool(torch.all(ring.buffer[0] == 3.0))
+    finally:
+        writer.stdin.close()
+        assert writer.wait(60) == 0

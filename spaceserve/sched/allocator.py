@@ -26,17 +26,16 @@ are that split's, or waiting for a whole-device batch to end.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from spaceserve.sched.allocation_forecast import Backlog, Phases, forecast, ready_times
+from spaceserve.sched.allocation_forecast import Phases, forecast, ready_times
+from spaceserve.sched.allocation_situation import Situation, build_situation
 from spaceserve.sched.allocation_types import (
     Allocation,
     AllocatorConfig,
     AllocatorState,
-    EncoderInFlight,
     Placement,
 )
 from spaceserve.sched.resource_curves import ResourceCurves, Split
@@ -55,47 +54,6 @@ class _Plan:
     """Most prefill tokens a decode step carries under this plan."""
 
 
-@dataclass(frozen=True)
-class _Situation:
-    """The state turned into arrays, shared by every plan's evaluation."""
-
-    batches_patches: np.ndarray
-    backlog: Backlog
-    num_decodes: int
-    context: float
-    decode_lifetimes_ms: np.ndarray
-    pending_tokens: int
-    ready_now_tokens: int
-    """Prefill tokens of queued requests with no image left to encode."""
-    in_flight: EncoderInFlight | None
-    in_flight_end_ms: float
-    largest_chunk: int
-    alone_gap_ms: float
-    """A decode-only step on the whole GPU."""
-    step: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    """(LM SMs, prefill chunk) -> predicted ms of a step with the running decodes (scaled, overhead included)."""
-    prefill_only: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    """The same for a prefill step with no decodes (PREFILL_SPLIT's compute side)."""
-    scale_split: float
-    scale_whole: float
-
-    chunk_grid: np.ndarray
-    """The prefill chunks a step may take (multiples of the granularity, and the largest)."""
-    _steps_by_side: dict[float, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def has_encoder_work(self) -> bool:
-        return bool(self.batches_patches.size) or self.in_flight is not None
-
-    def chunk_steps(self, sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk grid, [side, chunk] step ms), computed once per side in a decision."""
-        missing = np.array([s for s in sides if float(s) not in self._steps_by_side])
-        if missing.size:
-            for side, row in zip(missing, self.step(missing[:, None], self.chunk_grid[None, :])):
-                self._steps_by_side[float(side)] = row
-        return self.chunk_grid, np.stack([self._steps_by_side[float(s)] for s in sides])
-
-
 class SMAllocator:
     def __init__(self, curves: ResourceCurves, config: AllocatorConfig | None = None) -> None:
         self.curves = curves
@@ -104,32 +62,12 @@ class SMAllocator:
         self.splits: tuple[Split, ...] = curves.usable_splits()
         self._prefill_section = curves.lm_step.section(batch=0, context=0)
 
-    # ---- predictions (the engine uses them too, for the step it actually ran) ------------------------------
-
-    def lm_step_ms(self, sms, batch, context, prefill_tokens) -> np.ndarray:
-        busy = (np.asarray(batch) > 0) | (np.asarray(prefill_tokens) > 0)
-        step = self.curves.lm_step_ms(sms, batch, context, prefill_tokens)
-        return np.where(busy, step + self.config.lm_step_overhead_ms, 0.0)
-
-    def _step_function(self, section, num_decodes: int, scale_split: float = 1.0,
-                       scale_whole: float = 1.0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        """The curve section scaled by what the engine measured (a step on fewer than all SMs runs beside the
-        encoder), plus the overhead."""
-        overhead, total = self.config.lm_step_overhead_ms, self.total_sms
-
-        def step(sms, chunk):
-            sms, chunk = np.broadcast_arrays(np.asarray(sms, dtype=np.float64), np.asarray(chunk, dtype=np.float64))
-            timed = section(sms, chunk) * np.where(sms >= total, scale_whole, scale_split) + overhead
-            if num_decodes:
-                return timed
-            return np.where(chunk > 0, timed, 0.0)
-
-        return step
+    # ---- predictions ---------------------------------------------------------------------------------------
 
     def encoder_batch_ms(self, sms, patches) -> np.ndarray:
         return self.curves.encoder_ms(sms, patches) + self.config.encoder_batch_overhead_ms
 
-    def chunk_within(self, sms, cap, situation: _Situation, budget_ms: float) -> np.ndarray:
+    def chunk_within(self, sms, cap, situation: Situation, budget_ms: float) -> np.ndarray:
         """Per (LM side, cap): the largest prefill chunk <= cap whose step with the running decodes stays within
         `budget_ms`; -1 where even the decodes alone exceed it. Without decodes: the cap."""
         sms, cap = np.broadcast_arrays(np.asarray(sms, dtype=np.float64), np.asarray(cap, dtype=np.int64))
@@ -162,7 +100,7 @@ class SMAllocator:
                 evaluated = {k: np.concatenate([v, extra[k]]) for k, v in evaluated.items()}
         return self._choose(plans, evaluated, situation)
 
-    def _chunk_caps(self, situation: _Situation) -> list[int]:
+    def _chunk_caps(self, situation: Situation) -> list[int]:
         """Chunk caps to weigh: none, the granularity times powers of two, and the largest the backlog can use
         (only the largest without decodes: then a larger chunk costs nobody anything)."""
         largest = situation.largest_chunk
@@ -174,7 +112,7 @@ class SMAllocator:
             cap *= 2
         return [*caps, largest]
 
-    def _plans(self, situation: _Situation) -> list[_Plan]:
+    def _plans(self, situation: Situation) -> list[_Plan]:
         caps = self._chunk_caps(situation)
         in_flight = situation.in_flight
         sides = [self._split_of(in_flight.encoder_sms)] if in_flight is not None else list(self.splits)
@@ -198,69 +136,10 @@ class SMAllocator:
                 return split
         return Split(encoder_sms, self.total_sms - encoder_sms)
 
-    def _situation(self, state: AllocatorState) -> _Situation:
-        config = self.config
-        pending = sorted(state.pending, key=lambda r: (r.arrival_time, r.request_id))[: config.max_backlog_requests]
-        index = {r.request_id: i for i, r in enumerate(pending)}
-        batches: list[int] = []
-        ready_batch = np.full(len(pending), -1, dtype=np.int64)
-        tokens_in_batch = 0
-        for item in state.encoder_queue:
-            if not batches or tokens_in_batch + item.tokens > config.encoder_budget_tokens:
-                batches.append(0)
-                tokens_in_batch = 0
-            batches[-1] += item.patches
-            tokens_in_batch += item.tokens
-            for request_id in item.request_ids:
-                if request_id in index:
-                    ready_batch[index[request_id]] = len(batches) - 1
-        in_flight = state.encoder_in_flight
-        waits_on_flight = np.array([in_flight is not None and r.request_id in in_flight.request_ids for r in pending],
-                                   dtype=bool)
-        tokens = np.array([max(0, r.prefill_tokens) for r in pending], dtype=np.int64)
-        backlog = Backlog(
-            age_ms=np.array([(state.now - r.arrival_time) * 1e3 for r in pending], dtype=np.float64),
-            prefill_tokens=tokens,
-            ready_batch=ready_batch,
-            in_flight=waits_on_flight,
-        )
-        contexts = np.asarray(state.decode_contexts, dtype=np.float64)
-        num_decodes = int(contexts.size)
-        context = float(contexts.mean()) if num_decodes else 0.0
-        pending_tokens = int(tokens.sum())
-        granule = config.prefill_granularity
-        largest = min(max(0, config.max_num_batched_tokens - num_decodes), -(-pending_tokens // granule) * granule)
-        scales = (_valid_scale(state.lm_step_scale_split), _valid_scale(state.lm_step_scale_whole))
-        step = self._step_function(self.curves.lm_step.section(batch=num_decodes, context=context), num_decodes,
-                                   *scales)
-        alone = float(step(self.total_sms, 0)) if num_decodes else 0.0
-        remaining = state.decode_remaining_tokens
-        if not num_decodes:
-            lifetimes = np.zeros(0)
-        elif remaining is None or len(remaining) != num_decodes:
-            lifetimes = np.full(num_decodes, np.inf)
-        else:
-            lifetimes = np.maximum(np.asarray(remaining, dtype=np.float64), 0.0) * alone
-        return _Situation(
-            batches_patches=np.asarray(batches, dtype=np.float64),
-            backlog=backlog,
-            num_decodes=num_decodes,
-            context=context,
-            decode_lifetimes_ms=lifetimes,
-            pending_tokens=pending_tokens,
-            ready_now_tokens=int(tokens[(ready_batch < 0) & ~waits_on_flight].sum()),
-            in_flight=in_flight,
-            in_flight_end_ms=0.0 if in_flight is None else max(0.0, (in_flight.ends_at - state.now) * 1e3),
-            largest_chunk=int(largest),
-            alone_gap_ms=alone,
-            step=step,
-            prefill_only=self._step_function(self._prefill_section, 0, *scales),
-            scale_split=scales[0],
-            scale_whole=scales[1],
-            chunk_grid=np.unique(np.append(np.arange(0, largest + 1, granule), largest)),
-        )
+    def _situation(self, state: AllocatorState) -> Situation:
+        return build_situation(state, self.config, self.curves, self._prefill_section)
 
-    def _evaluate(self, plans: list[_Plan], state: AllocatorState, situation: _Situation) -> dict[str, np.ndarray]:
+    def _evaluate(self, plans: list[_Plan], state: AllocatorState, situation: Situation) -> dict[str, np.ndarray]:
         config, total, count = self.config, float(self.total_sms), len(plans)
         b = situation.num_decodes
         placement = np.array([p.placement.value for p in plans])
@@ -325,12 +204,12 @@ class SMAllocator:
                 "chunk_now": chunk_now, "first_batch_ms": first_batch_ms, "prefill_step": prefill_step,
                 "misses": misses, "mean_ttft": mean_ttft}
 
-    def _rate_and_gap(self, sms: np.ndarray, chunk: np.ndarray, situation: _Situation):
+    def _rate_and_gap(self, sms: np.ndarray, chunk: np.ndarray, situation: Situation):
         chunk = np.maximum(chunk, 0)
         step = situation.step(sms, chunk)
         return np.where(step > 0, chunk / np.maximum(step, 1e-9), 0.0), step
 
-    def _choose(self, plans: list[_Plan], ev: dict[str, np.ndarray], situation: _Situation) -> Allocation:
+    def _choose(self, plans: list[_Plan], ev: dict[str, np.ndarray], situation: Situation) -> Allocation:
         feasible = np.flatnonzero(ev["tpot_ok"])
         if feasible.size:
             pick = min(feasible, key=lambda i: (ev["cost"][i], plans[i].encoder_sms, -plans[i].chunk_cap, i))
@@ -371,7 +250,7 @@ class SMAllocator:
             reason=f"{_describe(plan, self.total_sms)}: {why}",
         )
 
-    def _behind_whole_device_batch(self, state: AllocatorState, situation: _Situation) -> Allocation:
+    def _behind_whole_device_batch(self, state: AllocatorState, situation: Situation) -> Allocation:
         """A whole-device batch runs alone: the LM waits for it unless its decodes would miss the TPOT SLO."""
         decodes = situation.num_decodes
         stalled = max(0.0, state.decode_stalled_ms)
@@ -383,12 +262,6 @@ class SMAllocator:
                               reason="whole-device batch in flight: the decodes cannot wait for it, they share the GPU")
         return Allocation(Placement.ENCODER_WHOLE, 0, 0, 0, predicted_decode_gap_ms=gap if decodes else None,
                           reason="whole-device batch in flight: the LM waits for it")
-
-
-def _valid_scale(scale: float) -> float:
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"an LM step scale must be a positive number, got {scale}")
-    return float(scale)
 
 
 def _describe(plan: _Plan, total: int) -> str:

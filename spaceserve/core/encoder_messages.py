@@ -59,8 +59,8 @@ class EncoderReady(msgspec.Struct, tag=True, array_like=True):
 
 
 class BatchEncoded(msgspec.Struct, tag=True, array_like=True, omit_defaults=True):
-    """A batch was launched and its slot's readiness recorded (on CUDA its rows are ready once the slot's event
-    has completed; on the CPU they already are), or it failed."""
+    """A batch's rows are in its slot (the encoder process sends this once it has seen the batch's work complete on
+    the device; the slot's event says the same to the core), or the batch failed."""
 
     batch_id: int
     num_rows: int = 0

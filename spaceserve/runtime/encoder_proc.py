@@ -8,8 +8,12 @@ disjoint), capturing a graph set on each. A batch says which to use. A split it 
 first names it, and runs eagerly.
 
 The loop only launches: for each batch it preprocesses raw images on the device, runs the tower on the batch's
-stream, writes the rows into the batch's slot and records the slot's event there, then reports the batch as
-launched; the core watches the event. An exception while encoding a batch is reported with that batch; one outside
+stream, writes the rows into the batch's slot and records the slot's event there. A thread of its own (`_Reporter`)
+sends each batch's report, in order, once this process has seen the batch's work complete, so the loop goes on
+launching while the device runs. Reporting at launch and leaving the core to watch the slot's interprocess event was
+the first design; under MPS (H200, driver 580) the core's query of that event said "written" right after it was
+recorded behind a ~1 s kernel, and a report this process sends after its own work completed holds whatever that
+query says. An exception while encoding a batch is reported with that batch; one outside
 (start-up, the transport) ends the process with EncoderFailed. It dies with the engine core (PR_SET_PDEATHSIG and a
 watch on its parent) and leaves the shutdown to it.
 """
@@ -20,8 +24,10 @@ import contextlib
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +164,8 @@ class EncoderServer:
                 run_largest_encoder_batch(self.model, config.image_config, config.encoder.budget_tokens, self.device)
         torch.cuda.synchronize(self.device)
 
-    def encode(self, message: EncodeBatch) -> BatchEncoded:
+    def encode(self, message: EncodeBatch) -> tuple[BatchEncoded, torch.cuda.Event | None]:
+        """The batch launched, its report, and (CUDA) an event after its work in this process's own context."""
         start = time.monotonic()
         batch = EncoderBatch(items=tuple(_feature(item) for item in message.items))
         stream = self._stream_for(message)
@@ -166,10 +173,45 @@ class EncoderServer:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 embeddings = self.runner.execute(batch)
                 num_rows = self.ring.write(message.slot, [embeddings[item.mm_hash] for item in batch.items], stream)
+                done = None
+                if stream is not None:
+                    done = torch.cuda.Event()
+                    done.record(stream)
         except Exception as exc:  # noqa: BLE001 - the core decides what fails
             logger.exception("encoding batch %d failed", message.batch_id)
-            return BatchEncoded(message.batch_id, error=f"{type(exc).__name__}: {exc}")
-        return BatchEncoded(message.batch_id, num_rows=num_rows, launch_s=time.monotonic() - start)
+            return BatchEncoded(message.batch_id, error=f"{type(exc).__name__}: {exc}"), None
+        return BatchEncoded(message.batch_id, num_rows=num_rows, launch_s=time.monotonic() - start), done
+
+
+class _Reporter:
+    """Sends each report once its batch's work has completed on the device, in order, from a thread of its own."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="encoder-reporter", daemon=True)
+        self._thread.start()
+
+    def report(self, message: BatchEncoded, done: torch.cuda.Event | None) -> None:
+        self._queue.put((message, done))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)  # a batch stuck on the device must not hold the process's exit
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            message, done = item
+            if done is not None:
+                try:
+                    done.synchronize()  # releases the GIL: the loop keeps launching
+                except Exception as exc:  # noqa: BLE001 - a device fault: the batch fails, the core decides
+                    message = BatchEncoded(message.batch_id, error=f"{type(exc).__name__}: {exc}")
+            try:
+                self._send(message)
+            except Exception:  # noqa: BLE001 - the transport is gone: the main loop sees it too and ends
+                logger.exception("sending the report of batch %d failed", message.batch_id)
+                return
 
 
 def _feature(item) -> MultiModalFeature:
@@ -202,9 +244,13 @@ def run_encoder_process(setup_path: str, input_address: str, output_address: str
     outputs.setsockopt(zmq.LINGER, 2000)
     outputs.connect(output_address)
     encoder, decoder = MessageEncoder(), MessageDecoder(EncoderInput)
+    sending = threading.Lock()  # the loop and the reporter thread share the socket
 
     def send(message: Any) -> None:
-        outputs.send_multipart(encoder.encode(message), copy=False)
+        with sending:
+            outputs.send_multipart(encoder.encode(message), copy=False)
+
+    reporter: _Reporter | None = None
 
     try:
         try:
@@ -216,16 +262,19 @@ def run_encoder_process(setup_path: str, input_address: str, output_address: str
             send(EncoderFailed(str(exc), type(exc).__name__))
             return
         send(EncoderReady(server.info))
+        reporter = _Reporter(send)
         while True:
             message = decoder.decode(inputs.recv_multipart(copy=False))
             if isinstance(message, ShutdownEncoder):
                 return
-            send(server.encode(message))
+            reporter.report(*server.encode(message))
     except Exception as exc:  # noqa: BLE001 - the transport broke: say so if possible, then end
         logger.exception("the encoder process failed")
         with contextlib.suppress(Exception):
             send(EncoderFailed(f"{type(exc).__name__}: {exc}", type(exc).__name__))
     finally:
+        if reporter is not None:
+            reporter.close()  # the reports of batches already launched go out first
         inputs.close(linger=0)
         outputs.close()
         context.term()

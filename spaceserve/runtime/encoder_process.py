@@ -55,6 +55,7 @@ from spaceserve.core.errors import SpaceServeError
 from spaceserve.core.multimodal import MultiModalFeature, RawImage
 from spaceserve.core.scheduler_output import EncoderBatch
 from spaceserve.engine.serial import MessageDecoder, MessageEncoder
+from spaceserve.runtime.device import device_with_index
 from spaceserve.runtime.embedding_ring import EmbeddingRing
 from spaceserve.runtime.encoder_proc import EncoderProcessSetup
 from spaceserve.runtime.encoder_worker import EncodedBatch, EncoderWorkerStats
@@ -97,20 +98,12 @@ class _InFlight:
     report: BatchEncoded | None = None
 
 
-def device_with_index(device: torch.device, current_index=None) -> torch.device:
-    """`cuda` without an index means this process's current device; the encoder process, a fresh CUDA context, must
-    be told which one (torch.cuda.set_device refuses a bare `cuda`)."""
-    if device.type != "cuda" or device.index is not None:
-        return device
-    return torch.device("cuda", (current_index or torch.cuda.current_device)())
-
-
 class ProcessEncoderWorker:
     def __init__(self, config: EngineConfig, layout: ExecutionLayout, device: torch.device, dtype: torch.dtype,
                  max_in_flight: int = 2, start_timeout_s: float = START_TIMEOUT_S) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        device = device_with_index(device)
+        device = device_with_index(device)  # the encoder process, a fresh CUDA context, must be told which one
         self.device = device
         self.max_in_flight = max_in_flight
         self.stats = ProcessEncoderStats()

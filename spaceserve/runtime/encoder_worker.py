@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spaceserve.core.scheduler_output import EncoderBatch
+from spaceserve.runtime.device import device_with_index
 from spaceserve.runtime.encoder_runner import EncoderRunner
 
 
@@ -78,9 +79,7 @@ class EncoderWorker:
         self.max_in_flight = max_in_flight
         self.stats = EncoderWorkerStats()
         # the CUDA device is per thread; resolve "cuda" to the index the engine thread uses
-        self._device_index = None
-        if device.type == "cuda":
-            self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self._device_index = device_with_index(device).index
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done = _Completions()
         self._in_flight = 0  # submitted and not yet polled; touched only by the engine thread

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from spaceserve.core.errors import ConfigError, SpaceServeError
+from spaceserve.runtime.device import device_with_index
 
 MIN_DRIVER_VERSION = 12040  # CUDA 12.4: the first driver with green contexts
 MIN_COMPUTE_CAPABILITY = (6, 0)  # the CUDA docs give SM split granularities from compute capability 6.x on
@@ -65,10 +66,7 @@ def _call(driver: Any, name: str, *args: Any) -> Any:
 
 
 def _normalize(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device
+    return device_with_index(device, lambda: torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
 
 def _init_driver(driver: Any) -> None:

@@ -292,7 +292,7 @@ def test_greedy_tokens_are_identical_across_time_space_mps_and_space_across_proc
 
 def test_a_bare_cuda_device_is_given_its_index_before_the_encoder_process_starts():
     """The H200 run: a core on `cuda` handed the encoder process `cuda`, which torch.cuda.set_device refuses."""
-    from spaceserve.runtime.encoder_process import device_with_index
+    from spaceserve.runtime.device import device_with_index
 
     assert device_with_index(torch.device("cuda"), lambda: 3) == torch.device("cuda", 3)
     assert device_with_index(torch.device("cuda", 1), lambda: 3) == torch.device("cuda", 1)

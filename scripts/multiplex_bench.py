@@ -10,6 +10,10 @@ checks the targets.
 Every mode runs with the same engine settings (vLLM v1's defaults: max_num_batched_tokens 8192, encoder budget per
 step max(8192, the largest item)); the rows record them. Targets (space against time, streams and text-only):
 see `summarize`.
+
+Modes `mps` (encoder and LM processes under an MPS daemon, capped by active-thread percentages) and `space-process`
+(`space --encoder-process`: the same processes on the two sides of a green-context split) run under a daemon this
+script starts for them and stops however the run ends (scripts/mps_daemon.sh); the other modes run without one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -26,9 +31,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scripts.mps_check import mps_daemon  # noqa: E402
 from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 SLO = "ttft=2,tpot=0.05"
+IN_PROCESS_MODES = ("time", "streams", "space")
+MPS_MODES = {"mps": "mps", "space-process": "space"}  # series -> --multiplex, run under an MPS daemon
 
 
 def main() -> int:
@@ -44,6 +52,7 @@ def main() -> int:
     parser.add_argument("--num-warmups", type=int, default=8)
     parser.add_argument("--output-len", default="128")
     parser.add_argument("--encoder-sms", type=int, default=None)
+    parser.add_argument("--encoder-mps-percentage", type=int, default=36, help="the mps mode's encoder share")
     add_results_arguments(parser, "multiplex", 560.0)
     args = parser.parse_args()
     if args.summarize:
@@ -51,31 +60,53 @@ def main() -> int:
         return 0
     if not args.model:
         parser.error("give a model (or --summarize DIR)")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in IN_PROCESS_MODES and m not in MPS_MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}: choose from {', '.join([*IN_PROCESS_MODES, *MPS_MODES])}")
     out, deadline = prepare_results(args)
 
-    runs = []
+    in_process = ",".join(m for m in modes if m in IN_PROCESS_MODES)
+    runs: list[tuple[str, str, str, list[str]]] = []
     if not args.no_text_only:
-        runs.append(("text-only", "time", "fcfs"))
-    runs.append(("image-mix", args.modes, args.policies))
+        runs.append(("text-only", "time", "fcfs", []))
+    if in_process:
+        runs.append(("image-mix", in_process, args.policies, []))
     for mode in filter(None, args.extra_policy_modes.split(",")):
-        runs.append(("image-mix", mode, "twsrft"))
-    code = 0
-    for workload, modes, policies in runs:
+        runs.append(("image-mix", mode, "twsrft", []))
+    mps_runs = [("image-mix", MPS_MODES[m], args.policies,
+                 ["--encoder-mps-percentage", str(args.encoder_mps_percentage)] if m == "mps" else ["--encoder-process"])
+                for m in modes if m in MPS_MODES]  # fmt: skip
+
+    def bench(workload: str, multiplex: str, policies: str, extra: list[str], env: dict[str, str] | None) -> int:
         left = deadline - time.monotonic()
         if left < 30:
-            print(f"skipping {workload} {modes}/{policies}: {left:.0f} s left", flush=True)
-            code = 1
-            continue
+            print(f"skipping {workload} {multiplex}/{policies} {extra}: {left:.0f} s left", flush=True)
+            return 1
         command = [
             sys.executable, "-m", "spaceserve.cli", "bench", args.model, "--load-format", "dummy", "--dtype", "bfloat16",
-            "--workload", workload, "--multiplex", modes, "--encoder-policy", policies,
+            "--workload", workload, "--multiplex", multiplex, "--encoder-policy", policies,
             "--request-rate", args.rates, "--num-prompts", str(args.num_prompts), "--num-warmups", str(args.num_warmups),
             "--output-len", args.output_len, "--slo", SLO,
             "--out", str(out / f"{workload}.jsonl"), "--disable-tqdm",
             *(["--encoder-sms", str(args.encoder_sms)] if args.encoder_sms else []),
-            *shlex.split(args.engine_args),
+            *extra, *shlex.split(args.engine_args),
         ]  # fmt: skip
-        code |= run_logged(command, out, left, REPO, f"{workload} {modes}/{policies}")
+        return run_logged(command, out, left, REPO, f"{workload} {multiplex}/{policies} {extra}", env)
+
+    code = 0
+    for run in runs:
+        code |= bench(*run, None)
+    if mps_runs:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+        try:
+            with mps_daemon(env) as mps_env:
+                for run in mps_runs:
+                    code |= bench(*run, mps_env)
+        except RuntimeError as exc:  # the daemon did not start: said, and the run fails
+            print(f"mps modes not run: {exc}", flush=True)
+            code = 1
     print(summarize(out))
     return code
 
@@ -86,7 +117,9 @@ def main() -> int:
 def series_name(row: dict[str, Any]) -> str:
     if row["workload"] == "text-only":
         return "text-only"
-    return f"{row['multiplex']}/{row['encoder_policy']}"
+    engine_args = (row.get("engine_settings") or {}).get("engine_args") or {}
+    mode = "space-process" if row["multiplex"] == "space" and engine_args.get("encoder_process") else row["multiplex"]
+    return f"{mode}/{row['encoder_policy']}"
 
 
 def summarize(directory: Path) -> str:
@@ -171,11 +204,27 @@ def targets(by_series: dict[str, dict[float, dict[str, Any]]], rates: list[float
             f"- rate {top:g}: goodput space {good_space:.2f} / time {good_time:.2f} req/s = {ratio:.2f} (target >= 3): "
             f"{ok(ratio >= 3)}"
         )
+    return out + process_comparison(by_series, rates)
+
+
+def process_comparison(by_series: dict[str, dict[float, dict[str, Any]]], rates: list[float]) -> list[str]:
+    """The paper's comparison (MPS against SM partitions) and the encoder out of process against in it, per rate:
+    mean TPOT and p50 TTFT of each against space's (in-process) from the same call. No target: figures."""
+    space = by_series.get("space/fcfs", {})
+    out = []
+    for name in ("mps/fcfs", "space-process/fcfs"):
+        other = by_series.get(name, {})
+        for rate in (r for r in rates if r in other and r in space):
+            tpot = other[rate]["mean_tpot_ms"] / space[rate]["mean_tpot_ms"]
+            ttft = other[rate]["p50_ttft_ms"] / space[rate]["p50_ttft_ms"]
+            out.append(f"- rate {rate:g}: {name.split('/')[0]} / space: mean TPOT {tpot:.2f}x, p50 TTFT {ttft:.2f}x, "
+                       f"goodput {fmt(other[rate].get('goodput'), 2)} vs {fmt(space[rate].get('goodput'), 2)} req/s")
     return out
 
 
 def loop_table(by_series: dict[str, dict[float, dict[str, Any]]], rates: list[float]) -> list[str]:
-    out = ["| series | rate | LM host ms/step | LM wait ms/step | encoder launch ms/batch | encoder busy ms/batch | whole-device batches |", "|---|---|---|---|---|---|---|"]
+    out = ["| series | rate | LM host ms/step | LM wait ms/step | encoder launch ms/batch | encoder busy ms/batch "
+           "| whole-device batches | ring copy-out us/batch |", "|---|---|---|---|---|---|---|---|"]
     for name in sorted(by_series):
         for rate in rates:
             c = (by_series[name].get(rate) or {}).get("engine_counters") or {}
@@ -186,7 +235,8 @@ def loop_table(by_series: dict[str, dict[float, dict[str, Any]]], rates: list[fl
                 f"| {name} | {rate:g} | {1e3 * c['lm_host_s'] / steps:.3f} | {1e3 * c['lm_wait_s'] / steps:.3f} | "
                 f"{fmt(1e3 * c['encoder_launch_s'] / batches if batches else None)} | "
                 f"{fmt(1e3 * c['encoder_busy_s'] / batches if batches else None)} | "
-                f"{c.get('encoder_full_device_batches', '-')} |"
+                f"{c.get('encoder_full_device_batches', '-')} | "
+                f"{fmt(1e6 * c['encoder_copy_out_s'] / batches if batches and 'encoder_copy_out_s' in c else None)} |"
             )
     return out
 

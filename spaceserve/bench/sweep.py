@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,27 +24,39 @@ def add_results_arguments(parser: argparse.ArgumentParser, out_name: str, time_b
     parser.add_argument("--time-budget-s", type=float, default=time_budget_s)
 
 
+CEILINGS_CHILD = "import json; from spaceserve.profile.hardware import measure_ceilings; print(json.dumps(measure_ceilings()))"
+
+
 def prepare_results(args: argparse.Namespace, keep_ceilings: bool = False) -> tuple[Path, float]:
     """Make --out-dir and measure the device's ceilings into its ceilings.json (with `keep_ceilings`, only if a
-    call before did not); returns the directory and the monotonic deadline of --time-budget-s."""
-    from spaceserve.profile.hardware import measure_ceilings
+    call before did not); returns the directory and the monotonic deadline of --time-budget-s.
 
+    The ceilings are measured in a child process: a sweep never holds a CUDA context of its own, which would keep
+    memory from the engines it starts and, made before an MPS daemon, would not be one of its clients."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.time_budget_s
     if not (keep_ceilings and (out / "ceilings.json").exists()):
-        (out / "ceilings.json").write_text(json.dumps(measure_ceilings(), indent=1))
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        child = subprocess.run([sys.executable, "-c", CEILINGS_CHILD], capture_output=True, text=True, timeout=300,
+                               env=env)
+        if child.returncode != 0:
+            raise RuntimeError(f"measuring the ceilings failed: {child.stderr.strip()[-2000:]}")
+        ceilings = json.loads(child.stdout.strip().splitlines()[-1])
+        (out / "ceilings.json").write_text(json.dumps(ceilings, indent=1))
     return out, deadline
 
 
-def run_logged(command: list[str], out: Path, timeout_s: float, cwd: Path, what: str) -> int:
-    """Run `command` (its first element the interpreter), appending it to out/commands.txt as `python3 ...`; the
-    return code, 1 if it ran past `timeout_s`."""
+def run_logged(command: list[str], out: Path, timeout_s: float, cwd: Path, what: str,
+               env: dict[str, str] | None = None) -> int:
+    """Run `command` (its first element the interpreter; in `env`, this process's by default), appending it to
+    out/commands.txt as `python3 ...`; the return code, 1 if it ran past `timeout_s`."""
     print("$", shlex.join(command[1:]), flush=True)
     with open(out / "commands.txt", "a") as log:
         log.write(shlex.join(["python3", *command[1:]]) + "\n")
     try:
-        return subprocess.run(command, cwd=cwd, timeout=timeout_s).returncode
+        return subprocess.run(command, cwd=cwd, timeout=timeout_s, env=env).returncode
     except subprocess.TimeoutExpired:
         print(f"timed out: {what}", flush=True)
         return 1

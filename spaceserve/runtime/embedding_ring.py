@@ -3,15 +3,16 @@ allocated once by the engine core and shared once, at start-up, with the encoder
 
 The core allocates it, so it owns the memory: rows already in it stay valid whatever happens to the encoder
 process. One batch in flight holds one slot. The encoder process writes a batch's rows into its slot on the stream
-the batch ran on and marks it written; the core, once told the batch was launched, sees the mark without blocking,
-copies the rows out on a stream of its own (a device-to-device copy of a few MB, microseconds against the tens of
+the batch ran on and marks it written; the core, once told the batch's work completed, copies the rows out on a
+stream of its own, behind the mark on the device (a device-to-device copy of a few MB, microseconds against the tens of
 milliseconds of the tower; keeping the rows in the ring instead would tie the ring's size and lifetime to the
 encoder cache) and gives the slot to the next batch. Nothing is shared per batch: no IPC handle is opened after
 start-up, and no embedding row crosses the host.
 
 - CUDA: a device tensor shared by CUDA IPC (torch.multiprocessing.reductions.reduce_tensor; the handle is opened
   once in the encoder process), and one interprocess CUDA event per slot, created here, opened there, recorded
-  there after the rows are written and queried here.
+  there after the rows are written and waited on here on the device (a host query of it is not reliable across
+  processes: see copy_out).
 - CPU: a file-backed shared tensor (torch.from_file, MAP_SHARED) in /dev/shm, removed as soon as both processes
   have mapped it; no events, since the encoder process writes the rows before it reports the batch.
 """
@@ -135,11 +136,6 @@ class EmbeddingRing:
 
     # ---- the engine core's side -----------------------------------------------------------------------------
 
-    def is_written(self, slot: int) -> bool:
-        """Whether the rows of the batch last reported in `slot` have been written (never blocks). Only meaningful
-        once the encoder process has reported recording the slot's event."""
-        return not self.events or self.events[slot].query()
-
     def copy_out(self, slot: int, num_rows: int, stream: torch.cuda.Stream | None,
                  readers: tuple[torch.cuda.Stream, ...] = ()) -> torch.Tensor:
         """The slot's first `num_rows` rows copied into a tensor of their own, complete on return: on CUDA the copy
@@ -150,8 +146,9 @@ class EmbeddingRing:
         if stream is None:
             return source.clone()
         if self.events:
-            # ordered on the device too, not only by the caller's query: under MPS (H200, driver 580) a query of the
-            # writer's event answered "done" right after it was recorded behind a ~1 s kernel (test_embedding_ring)
+            # readiness is this device-side wait, never a host query of the event: on the H200 (driver 580, with and
+            # without MPS) a query in this process answered "done" right after the writer recorded the event behind
+            # a ~1 s kernel, while a wait like this one ordered the copy after the rows (test_embedding_ring)
             stream.wait_event(self.events[slot])
         with torch.cuda.stream(stream):
             rows = source.clone()

@@ -10,10 +10,10 @@ first names it, and runs eagerly.
 The loop only launches: for each batch it preprocesses raw images on the device, runs the tower on the batch's
 stream, writes the rows into the batch's slot and records the slot's event there. A thread of its own (`_Reporter`)
 sends each batch's report, in order, once this process has seen the batch's work complete, so the loop goes on
-launching while the device runs. Reporting at launch and leaving the core to watch the slot's interprocess event was
-the first design; under MPS (H200, driver 580) the core's query of that event said "written" right after it was
-recorded behind a ~1 s kernel, and a report this process sends after its own work completed holds whatever that
-query says. An exception while encoding a batch is reported with that batch; one outside
+launching while the device runs. Reporting at launch and leaving the core to query the slot's interprocess event was
+the first design; on the H200 (driver 580, with and without MPS) the core's query said "written" right after the
+event was recorded behind a ~1 s kernel, so the core now never queries it: it copies a batch out once this process
+has reported the batch complete, behind a device-side wait on the event. An exception while encoding a batch is reported with that batch; one outside
 (start-up, the transport) ends the process with EncoderFailed. It dies with the engine core (PR_SET_PDEATHSIG and a
 watch on its parent) and leaves the shutdown to it.
 """

@@ -283,7 +283,7 @@ class ProcessEncoderWorker:
         finished = []
         for batch_id, flight in list(self._in_flight.items()):
             report = flight.report
-            if report is None or (report.error is None and not self.ring.is_written(flight.slot)):
+            if report is None:
                 continue
             del self._in_flight[batch_id]
             now = time.monotonic()

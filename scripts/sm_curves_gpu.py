@@ -150,7 +150,10 @@ def _decisions(curves, np) -> list[str]:
 
 
 def _ms(value) -> str:
-    return "-" if value is None or value != value else f"{float(value):.2f}"
+    if value is None or value != value:
+        return "-"
+    # the forecast gives a prefill no chunk fits (every split's decode step already past the SLO) a paused rate
+    return "paused (no chunk fits)" if float(value) > 1e9 else f"{float(value):.2f}"
 
 
 if __name__ == "__main__":

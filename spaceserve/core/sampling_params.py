@@ -61,8 +61,8 @@ class SamplingParams:
             raise InvalidInputError("seed + n - 1 must stay within int64 (each of the n samples takes seed + i)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidInputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if not self.temperature >= 0.0:
-            raise InvalidInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):  # JSON's Infinity and NaN parse as floats
+            raise InvalidInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0:

@@ -139,6 +139,17 @@ def test_body_that_is_not_a_json_object(live_server, body):
     assert error["type"] == "BadRequestError" and ("JSON" in error["message"] or "dictionary" in error["message"])
 
 
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN"])
+def test_a_temperature_json_cannot_write_as_a_number_is_refused(live_server, value):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % (SERVED_NAME, value)
+    response = httpx.post(f"{live_server.base_url}/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "temperature" and "finite number >= 0" in error["message"], error
+    assert_still_serving(live_server)
+
+
 def test_the_openai_client_sees_typed_errors_and_streams_are_checked_before_they_start(live_server):
     client = live_server.client()
     with pytest.raises(openai.NotFoundError, match="does not exist"):

@@ -46,6 +46,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from spaceserve.bench.sweep import measure_ceilings_in_child  # noqa: E402
+from spaceserve.child_pythonpath import child_pythonpath  # noqa: E402
 from spaceserve.profile.process_concurrency import measure_concurrency  # noqa: E402
 DAEMON = REPO / "scripts" / "mps_daemon.sh"
 SECTIONS = ("ceilings", "concurrency", "tests", "bench")
@@ -61,6 +63,14 @@ PREDICTIONS = """Predicted before the run:
 
 
 # ---- the MPS daemon ---------------------------------------------------------------------------------------------
+
+def child_environment() -> dict[str, str]:
+    """This process's environment for the runs' children: unbuffered, importing this spaceserve, and without an MPS
+    thread cap inherited from the caller (each mode sets its own)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH"))}
+    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+    return env
+
 
 def _daemon(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(DAEMON), command], env=env, capture_output=True, text=True, timeout=60)
@@ -135,9 +145,7 @@ def run_checks(args) -> int:
     deadline = time.monotonic() + args.time_budget_s
     sections = set(filter(None, args.sections.split(",")))
     bench_modes = set(filter(None, args.bench_modes.split(",")))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+    env = child_environment()
     stale = _daemon("stop", env)  # one a killed earlier run may have left in the private directory
     print(f"mps daemon before the run: {stale.stderr.strip()}", flush=True)
     earlier = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
@@ -156,11 +164,11 @@ def run_checks(args) -> int:
         return deadline - time.monotonic()
 
     if "ceilings" in sections:
-        code = ("import json; from spaceserve.profile.hardware import measure_ceilings; "
-                "print(json.dumps(measure_ceilings()))")
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                                cwd=str(REPO))
-        (out / "ceilings.json").write_text(result.stdout.strip() or json.dumps({"error": result.stderr[-2000:]}))
+        try:
+            ceilings = measure_ceilings_in_child(env)
+        except RuntimeError as exc:
+            ceilings = {"error": str(exc)}
+        (out / "ceilings.json").write_text(json.dumps(ceilings))
     if "concurrency" in sections and left() > 60:
         concurrency["no_mps"] = measure_concurrency(args.model, env, args.concurrency_s, None)
         (out / "concurrency.json").write_text(json.dumps(concurrency, indent=1))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.mps_check import mps_daemon  # noqa: E402
+from scripts.mps_check import child_environment, mps_daemon  # noqa: E402
 from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 SLO = "ttft=2,tpot=0.05"
@@ -98,10 +97,8 @@ def main() -> int:
     for run in runs:
         code |= bench(*run, None)
     if mps_runs:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
         try:
-            with mps_daemon(env) as mps_env:
+            with mps_daemon(child_environment()) as mps_env:
                 for run in mps_runs:
                     code |= bench(*run, mps_env)
         except RuntimeError as exc:  # the daemon did not start: said, and the run fails

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceserve.bench.report import read_jsonl
+from spaceserve.child_pythonpath import child_pythonpath
 
 
 def add_results_arguments(parser: argparse.ArgumentParser, out_name: str, time_budget_s: float) -> None:
@@ -27,24 +28,27 @@ def add_results_arguments(parser: argparse.ArgumentParser, out_name: str, time_b
 CEILINGS_CHILD = "import json; from spaceserve.profile.hardware import measure_ceilings; print(json.dumps(measure_ceilings()))"
 
 
+def measure_ceilings_in_child(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """profile/hardware.measure_ceilings in a child process (in `env`, this process's by default), so the caller
+    never holds a CUDA context of its own: one would keep memory from the engines it starts and, made before an MPS
+    daemon, would not be one of its clients. Raises RuntimeError with the child's error if it fails."""
+    env = {**(os.environ if env is None else env)}
+    env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
+    child = subprocess.run([sys.executable, "-c", CEILINGS_CHILD], capture_output=True, text=True, timeout=300, env=env)
+    if child.returncode != 0:
+        raise RuntimeError(f"measuring the ceilings failed: {child.stderr.strip()[-2000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def prepare_results(args: argparse.Namespace, keep_ceilings: bool = False) -> tuple[Path, float]:
     """Make --out-dir and measure the device's ceilings into its ceilings.json (with `keep_ceilings`, only if a
-    call before did not); returns the directory and the monotonic deadline of --time-budget-s.
-
-    The ceilings are measured in a child process: a sweep never holds a CUDA context of its own, which would keep
-    memory from the engines it starts and, made before an MPS daemon, would not be one of its clients."""
+    call before did not), in a child process; returns the directory and the monotonic deadline of
+    --time-budget-s."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.time_budget_s
     if not (keep_ceilings and (out / "ceilings.json").exists()):
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        child = subprocess.run([sys.executable, "-c", CEILINGS_CHILD], capture_output=True, text=True, timeout=300,
-                               env=env)
-        if child.returncode != 0:
-            raise RuntimeError(f"measuring the ceilings failed: {child.stderr.strip()[-2000:]}")
-        ceilings = json.loads(child.stdout.strip().splitlines()[-1])
-        (out / "ceilings.json").write_text(json.dumps(ceilings, indent=1))
+        (out / "ceilings.json").write_text(json.dumps(measure_ceilings_in_child(), indent=1))
     return out, deadline
 
 

@@ -21,12 +21,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
-import spaceserve
+from spaceserve.child_pythonpath import child_pythonpath
 from spaceserve.config import EngineConfig
 from spaceserve.core import errors
 from spaceserve.core.engine_messages import (
@@ -311,8 +310,7 @@ class MPClient(CoreClient):
         # a fresh interpreter running the core module (not multiprocessing's spawn, which re-runs the caller's
         # __main__), importing this very spaceserve
         env = {**os.environ, **env}
-        package_root = str(Path(spaceserve.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
         apply_environment(env, lm_process_environment(config))  # mps: read when the core's CUDA context is made
         command = [
             sys.executable, "-m", "spaceserve.engine.core_proc", config_path, input_address, output_address,

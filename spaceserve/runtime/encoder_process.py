@@ -33,13 +33,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import zmq
 
-import spaceserve
+from spaceserve.child_pythonpath import child_pythonpath
 from spaceserve.config import EngineConfig
 from spaceserve.core import errors
 from spaceserve.core.encoder_messages import (
@@ -142,8 +141,7 @@ class ProcessEncoderWorker:
             with open(setup_path, "wb") as f:
                 pickle.dump(setup, f)
             env = dict(os.environ)
-            package_root = str(Path(spaceserve.__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
             apply_environment(env, encoder_process_environment(config))
             command = [sys.executable, "-m", "spaceserve.runtime.encoder_proc", setup_path, input_address,
                        output_address, str(logging.getLogger().getEffectiveLevel())]

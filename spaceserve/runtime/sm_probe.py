@@ -21,7 +21,8 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from spaceserve.child_pythonpath import child_pythonpath
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,7 @@ def probe_splits(encoder_counts: list[int], shapes: tuple[tuple[int, int, int], 
     """Both sides of every split, each in a child process, all at once; keyed by (encoder SMs asked for, side). A
     child that dies or hangs counts as a failed side."""
     shape_text = ",".join(f"{m}x{k}x{n}" for m, k, n in shapes)
-    # the children import this package from where this process did, whatever their working directory
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH"))}
     children = {}
     for count in encoder_counts:
         for side in SIDES:

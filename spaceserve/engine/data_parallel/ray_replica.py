@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import spaceserve
+from spaceserve.child_pythonpath import child_pythonpath
 from spaceserve.config import DataParallelConfig, EngineConfig
 from spaceserve.core.errors import ConfigError
 from spaceserve.engine.core_client import _SHUTDOWN_TIMEOUT_S, MPClient
@@ -118,8 +117,7 @@ class RayReplicaClient(MPClient):
         ray = import_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        package_root = str(Path(spaceserve.__file__).resolve().parent.parent)
-        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        pythonpath = child_pythonpath(os.environ.get("PYTHONPATH"))
         bundle = self._cluster.bundle
         actor_class = ray.remote(EngineCoreActor)
         self.actor = actor_class.options(

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.mps_check import child_environment, mps_daemon  # noqa: E402
+from spaceserve.bench.capacity import series_name  # noqa: E402
 from spaceserve.bench.sweep import add_results_arguments, prepare_results, result_rows, run_logged  # noqa: E402
 
 SLO = "ttft=2,tpot=0.05"
@@ -109,14 +110,6 @@ def main() -> int:
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
-
-
-def series_name(row: dict[str, Any]) -> str:
-    if row["workload"] == "text-only":
-        return "text-only"
-    engine_args = (row.get("engine_settings") or {}).get("engine_args") or {}
-    mode = "space-process" if row["multiplex"] == "space" and engine_args.get("encoder_process") else row["multiplex"]
-    return f"{mode}/{row['encoder_policy']}"
 
 
 def summarize(directory: Path) -> str:

@@ -32,9 +32,12 @@ def geometric_rates(lowest: float, highest: float, step: float = 1.15) -> list[f
 
 
 def series_name(row: dict[str, Any]) -> str:
+    """text-only, or mode/policy; `space --encoder-process` is the mode space-process (told apart by its settings)."""
     if row.get("workload") == "text-only":
         return "text-only"
-    return f"{row['multiplex']}/{row['encoder_policy']}"
+    engine_args = (row.get("engine_settings") or {}).get("engine_args") or {}
+    mode = "space-process" if row["multiplex"] == "space" and engine_args.get("encoder_process") else row["multiplex"]
+    return f"{mode}/{row['encoder_policy']}"
 
 
 def slo_label(row: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The allocator's view of one decision: the state (allocation_types.AllocatorState) turned into the arrays every
 plan's evaluation shares (the encoder queue cut into batches, the backlog, the decodes), and the LM step model of the
 decision: the curves' section for the running decodes, scaled by the factors the engine learned
-(prediction_correction.py), plus the per-step overhead. Pure numpy, no state of its own."""
+(prediction_correction.py), plus the per-step overhead (the config's, or the host time the engine learned when
+larger). Pure numpy, no state of its own."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ class Situation:
     """The same for a prefill step with no decodes (PREFILL_SPLIT's compute side)."""
     scale_split: float
     scale_whole: float
+    step_overhead_ms: float
+    """Added to every predicted step (`step`, `prefill_only`) after the scale."""
+    decode_stalled_ms: float
+    """What the decodes have already waited (>= 0)."""
 
     chunk_grid: np.ndarray
     """The prefill chunks a step may take (multiples of the granularity, and the largest)."""
@@ -90,8 +95,11 @@ def build_situation(state: AllocatorState, config: AllocatorConfig, curves: Reso
     granule = config.prefill_granularity
     largest = min(max(0, config.max_num_batched_tokens - num_decodes), -(-pending_tokens // granule) * granule)
     scales = (_valid_scale(state.lm_step_scale_split), _valid_scale(state.lm_step_scale_whole))
-    step = scaled_step(curves.lm_step.section(batch=num_decodes, context=context), num_decodes, total,
-                       config.lm_step_overhead_ms, *scales)
+    overhead = config.lm_step_overhead_ms
+    if state.lm_step_host_ms is not None:
+        overhead = max(overhead, _valid_host_time(state.lm_step_host_ms))
+    step = scaled_step(curves.lm_step.section(batch=num_decodes, context=context), num_decodes, total, overhead,
+                       *scales)
     alone = float(step(total, 0)) if num_decodes else 0.0
     remaining = state.decode_remaining_tokens
     if not num_decodes:
@@ -113,9 +121,11 @@ def build_situation(state: AllocatorState, config: AllocatorConfig, curves: Reso
         largest_chunk=int(largest),
         alone_gap_ms=alone,
         step=step,
-        prefill_only=scaled_step(prefill_section, 0, total, config.lm_step_overhead_ms, *scales),
+        prefill_only=scaled_step(prefill_section, 0, total, overhead, *scales),
         scale_split=scales[0],
         scale_whole=scales[1],
+        step_overhead_ms=overhead,
+        decode_stalled_ms=max(0.0, state.decode_stalled_ms),
         chunk_grid=np.unique(np.append(np.arange(0, largest + 1, granule), largest)),
     )
 
@@ -139,3 +149,9 @@ def _valid_scale(scale: float) -> float:
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"an LM step scale must be a positive number, got {scale}")
     return float(scale)
+
+
+def _valid_host_time(host_ms: float) -> float:
+    if not (np.isfinite(host_ms) and host_ms >= 0):
+        raise ValueError(f"the LM step host time must be a number >= 0 ms, got {host_ms}")
+    return float(host_ms)

@@ -26,8 +26,10 @@ def allocator_state(
     in_flight: EncoderInFlight | None = None,
     decode_stalled_ms: float = 0.0,
     lm_step_scales: tuple[float, float] = (1.0, 1.0),
+    lm_step_host_ms: float | None = None,
 ) -> AllocatorState:
-    """`lm_step_scales`: measured / curve LM step time on a split and on the whole device (the engine learns them)."""
+    """`lm_step_scales`: measured / curve LM step time on a split and on the whole device; `lm_step_host_ms`: the
+    host time a decode gap adds to its step (None: not learned). The engine learns both."""
     pending, contexts, remaining = [], [], []
     for request in scheduler.requests.values():
         if request.is_finished:
@@ -52,6 +54,7 @@ def allocator_state(
         decode_stalled_ms=decode_stalled_ms,
         lm_step_scale_split=lm_step_scales[0],
         lm_step_scale_whole=lm_step_scales[1],
+        lm_step_host_ms=lm_step_host_ms,
     )
 
 

@@ -28,7 +28,8 @@ class AllocatorConfig:
     tpot_margin: float = 0.9
     """Predicted decode gaps must stay within this share of the TPOT SLO (room for what the curves don't see)."""
     lm_step_overhead_ms: float = 1.0
-    """Added to every predicted LM step: scheduling and output handling, which the curves (runner only) omit."""
+    """Added to every predicted LM step: scheduling and output handling, which the curves (runner only) omit; the
+    least of it: the engine's learned host time per step replaces it when larger (`AllocatorState.lm_step_host_ms`)."""
     encoder_batch_overhead_ms: float = 0.0
     max_num_batched_tokens: int = 8192
     encoder_budget_tokens: int = 8192
@@ -122,6 +123,9 @@ class AllocatorState:
     """Measured / curve time of LM steps on a split, beside the encoder (prediction_correction.py)."""
     lm_step_scale_whole: float = 1.0
     """The same for LM steps on the whole device."""
+    lm_step_host_ms: float | None = None
+    """Host time a decode gap adds to its step's GPU time, learned by the engine (prediction_correction.py); the
+    per-step overhead is the larger of it and `AllocatorConfig.lm_step_overhead_ms` (None: the config's)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class Allocation:
     predicted_prefill_step_ms: float | None = None
     predicted_decode_gap_ms: float | None = None
     """Gap between a running sequence's tokens that this decision gives at most (None: nothing decodes)."""
+    decode_stalled_ms: float = 0.0
+    """What the decodes had already waited when this was decided: the part of that gap before the LM step."""
     predicted_mean_ttft_ms: float | None = None
     predicted_ttft_misses: int = 0
     tpot_ok: bool = True

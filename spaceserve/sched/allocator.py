@@ -84,18 +84,18 @@ class SMAllocator:
     def decide(self, state: AllocatorState) -> Allocation:
         situation = self._situation(state)
         if situation.in_flight is not None and situation.in_flight.encoder_sms >= self.total_sms:
-            return self._behind_whole_device_batch(state, situation)
+            return self._behind_whole_device_batch(situation)
         plans = self._plans(situation)
         if not plans:
             return Allocation(Placement.LM_WHOLE, 0, self.total_sms, situation.largest_chunk,
                               reason="nothing to encode, decode or prefill")
-        evaluated = self._evaluate(plans, state, situation)
+        evaluated = self._evaluate(plans, situation)
         if self.config.whole_device_encoder and situation.in_flight is None and situation.batches_patches.size:
             splits = [i for i, p in enumerate(plans) if p.placement is Placement.SPLIT]
             if splits:
                 best = plans[min(splits, key=lambda i: evaluated["cost"][i])]
                 whole = _Plan(Placement.ENCODER_WHOLE, best.encoder_sms, self.total_sms, best.lm_sms, 0, best.chunk_cap)
-                extra = self._evaluate([whole], state, situation)
+                extra = self._evaluate([whole], situation)
                 plans.append(whole)
                 evaluated = {k: np.concatenate([v, extra[k]]) for k, v in evaluated.items()}
         return self._choose(plans, evaluated, situation)
@@ -139,7 +139,7 @@ class SMAllocator:
     def _situation(self, state: AllocatorState) -> Situation:
         return build_situation(state, self.config, self.curves, self._prefill_section)
 
-    def _evaluate(self, plans: list[_Plan], state: AllocatorState, situation: Situation) -> dict[str, np.ndarray]:
+    def _evaluate(self, plans: list[_Plan], situation: Situation) -> dict[str, np.ndarray]:
         config, total, count = self.config, float(self.total_sms), len(plans)
         b = situation.num_decodes
         placement = np.array([p.placement.value for p in plans])
@@ -185,7 +185,7 @@ class SMAllocator:
         result = forecast(ready, situation.backlog, phases, situation.decode_lifetimes_ms, situation.alone_gap_ms)
 
         # this decision's own LM step: its chunk (within what the decodes have already waited) and the gap it gives
-        stalled = max(0.0, state.decode_stalled_ms)
+        stalled = situation.decode_stalled_ms
         step_sms = lm_sms if situation.has_encoder_work else np.full(count, total)
         chunk_now = self.chunk_within(step_sms, caps, situation, budget - stalled)
         _, step_bound = self._rate_and_gap(step_sms, np.maximum(chunk_now, 0), situation)
@@ -228,7 +228,7 @@ class SMAllocator:
             lm_step = float(ev["step_ready"][pick])
             whole = ev["step_sms"][pick] >= self.total_sms
             scale = situation.scale_whole if whole else situation.scale_split
-            curve = max(0.0, lm_step - self.config.lm_step_overhead_ms) / scale
+            curve = max(0.0, lm_step - situation.step_overhead_ms) / scale
         mean_ttft = ev["mean_ttft"][pick]
         return Allocation(
             placement=plan.placement,
@@ -241,6 +241,7 @@ class SMAllocator:
             predicted_encoder_batch_ms=float(ev["first_batch_ms"][pick]) if has_batch else None,
             predicted_prefill_step_ms=float(ev["prefill_step"][pick]) if prefill_split and chunk else None,
             predicted_decode_gap_ms=float(ev["gap_now"][pick]) if decodes else None,
+            decode_stalled_ms=situation.decode_stalled_ms,
             predicted_mean_ttft_ms=None if np.isnan(mean_ttft) else float(mean_ttft),
             predicted_ttft_misses=int(ev["misses"][pick]),
             tpot_ok=bool(ev["tpot_ok"][pick]),
@@ -250,18 +251,19 @@ class SMAllocator:
             reason=f"{_describe(plan, self.total_sms)}: {why}",
         )
 
-    def _behind_whole_device_batch(self, state: AllocatorState, situation: Situation) -> Allocation:
+    def _behind_whole_device_batch(self, situation: Situation) -> Allocation:
         """A whole-device batch runs alone: the LM waits for it unless its decodes would miss the TPOT SLO."""
         decodes = situation.num_decodes
-        stalled = max(0.0, state.decode_stalled_ms)
+        stalled = situation.decode_stalled_ms
         gap = stalled + situation.in_flight_end_ms + situation.alone_gap_ms
         if decodes and gap > self.config.tpot_budget_ms:
             return Allocation(Placement.ENCODER_WHOLE, 0, self.total_sms, 0,
                               predicted_lm_step_ms=situation.alone_gap_ms,
-                              predicted_decode_gap_ms=stalled + situation.alone_gap_ms, tpot_ok=False,
+                              predicted_decode_gap_ms=stalled + situation.alone_gap_ms, decode_stalled_ms=stalled,
+                              tpot_ok=False,
                               reason="whole-device batch in flight: the decodes cannot wait for it, they share the GPU")
         return Allocation(Placement.ENCODER_WHOLE, 0, 0, 0, predicted_decode_gap_ms=gap if decodes else None,
-                          reason="whole-device batch in flight: the LM waits for it")
+                          decode_stalled_ms=stalled, reason="whole-device batch in flight: the LM waits for it")
 
 
 def _describe(plan: _Plan, total: int) -> str:

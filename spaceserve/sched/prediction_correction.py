@@ -1,4 +1,5 @@
-"""A correction of the SM allocator's LM step predictions, learned online from the steps' measured GPU times.
+"""Corrections of the SM allocator's LM step predictions, learned online from what the engine measured: the steps'
+GPU time (`StepTimeCorrection`) and the host time a decode gap adds to it (`HostTimeCorrection`).
 
 The curves are measured with the LM alone on its side of a split. In serving, the encoder runs on the other side at
 the same time and takes memory bandwidth and L2, so an LM step on a split is slower than its curve; measured on an
@@ -13,6 +14,16 @@ curve (fixed costs the curve misses), the long prefill steps 1.1-1.8x, and a mea
 learned 4x and over-predicted the long steps threefold; what a decision needs right is the long steps. Each step's
 measured time is clipped to [low, high] times its curve before it enters the mean, so one stalled step cannot swing
 it; the factor stays 1 until `min_samples` steps were seen and within [low, high].
+
+The GPU time is not all of a decode gap: the engine's host work per step (scheduling, input preparation, output
+handling, the GIL shared with the encoder thread) overlaps the GPU step before it (async scheduling) and shows as a
+bubble when it is the longer. Measured on an H200 the decode gap ran 1.7-2.6x its prediction while the GPU step ran
+0.95-1.47x its own: under load the host time per step was as long as a GPU step (6.6 ms at 10 req/s, 25 ms at 16 on
+a 7B model), where the allocator added a fixed 1 ms. `HostTimeCorrection` learns that excess, a measured gap less
+the GPU time of the step that ended it (and less what the decodes had already waited when the step was decided,
+which the allocator's prediction counts on its own), clipped to [0, high_ms], as an exponentially weighted mean;
+the allocator adds it to every predicted step in place of the fixed overhead when it is the larger
+(`AllocatorState.lm_step_host_ms`).
 """
 
 from __future__ import annotations
@@ -51,3 +62,36 @@ class StepTimeCorrection:
         if self.samples < self.min_samples:
             return 1.0
         return min(self.high, max(self.low, self._measured_ms / self._curve_ms))
+
+
+@dataclass
+class HostTimeCorrection:
+    weight: float = 0.05
+    """Weight of the newest gap in the mean (about the last 1 / weight gaps count)."""
+    min_samples: int = 8
+    high_ms: float = 200.0
+    """Excess above this is clipped: one gap behind a stall (a page fault, a long encoder batch) cannot swing it."""
+    samples: int = 0
+    total_excess_ms: float = 0.0
+    """Sum of the clipped excesses learned from (a counter: a window's mean is a difference of two snapshots)."""
+    _mean_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.weight <= 1 and self.min_samples >= 1 and self.high_ms > 0):
+            raise ValueError("weight must be in (0, 1], min_samples >= 1 and high_ms > 0")
+
+    def observe(self, gap_ms: float, step_gpu_ms: float, stalled_ms: float = 0.0) -> None:
+        """`stalled_ms`: what the decodes had waited when the step was decided (the allocator counts it apart)."""
+        if not (gap_ms > 0 and step_gpu_ms > 0 and stalled_ms >= 0
+                and math.isfinite(gap_ms) and math.isfinite(step_gpu_ms) and math.isfinite(stalled_ms)):
+            return
+        excess_ms = min(self.high_ms, max(0.0, gap_ms - stalled_ms - step_gpu_ms))
+        weight = max(self.weight, 1.0 / (self.samples + 1))
+        self._mean_ms += weight * (excess_ms - self._mean_ms)
+        self.total_excess_ms += excess_ms
+        self.samples += 1
+
+    @property
+    def value_ms(self) -> float | None:
+        """The learned host time per step; None until `min_samples` gaps were seen."""
+        return self._mean_ms if self.samples >= self.min_samples else None

@@ -1,16 +1,23 @@
 """The SM allocator in the engine loop (space), on the CPU: a layout of splits whose streams are the CPU's (the
 worker thread runs every batch), fake curves shaped like a 132-SM Hopper. Each decision is acted on (the split a batch
 runs on, the prefill chunk an LM step takes, the LM waiting behind a whole-device batch), counted with its
-predictions, and the tokens stay those of `time`."""
+predictions, and the tokens stay those of `time`. And what the engine learns: the GPU time factors, and the host
+time from each decode gap paired with its step's GPU time, in whichever order they come."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+from types import SimpleNamespace
 
 import pytest
 
 from spaceserve import SamplingParams
+from spaceserve.engine import sm_allocation
+from spaceserve.engine.arg_utils import EngineArgs
 from spaceserve.engine.sm_allocation import SMAllocation
+from spaceserve.sched.allocation_types import Allocation, Placement
 from spaceserve.runtime.multiplex import ExecutionLayout
 from spaceserve.runtime.sm_partition import SMPartition
 from tests.engine.test_multiplex import _mixed_prompts
@@ -102,8 +109,6 @@ def test_a_layout_split_outside_the_curves_is_not_offered():
 
 
 def test_measured_lm_steps_teach_the_allocator_their_slowdown():
-    from spaceserve.sched.allocation_types import Allocation, Placement
-
     engine = make_llm("tiny-qwen2-vl", multiplex="streams", max_model_len=256, device="cpu").llm_engine
     try:
         _space_on_cpu(engine)
@@ -116,6 +121,8 @@ def test_measured_lm_steps_teach_the_allocator_their_slowdown():
             allocation.lm_step_timed(whole, 3.3)
         allocation.lm_step_timed(None, 99.0)  # a step scheduled without a decision teaches nothing
         assert allocation.lm_step_split.factor > 1.9 and 1.05 < allocation.lm_step_whole.factor < 1.15
+        for _ in range(10):
+            allocation.lm_step_host.observe(14.0, 8.0)
         seen = []
         real_decide = allocation.allocator.decide
         allocation.allocator.decide = lambda state: seen.append(state) or real_decide(state)
@@ -123,10 +130,85 @@ def test_measured_lm_steps_teach_the_allocator_their_slowdown():
         engine.step()
         assert seen and seen[0].lm_step_scale_split == allocation.lm_step_split.factor
         assert seen[0].lm_step_scale_whole == allocation.lm_step_whole.factor
+        assert seen[0].lm_step_host_ms == pytest.approx(6.0)
         counters = engine.loop_counters()
         assert counters["allocator_lm_step_curve_count"] == 120
         assert counters["allocator_lm_step_curve_actual_s"] == pytest.approx(60 * (8.0 + 3.3) / 1e3)
+        assert counters["allocator_lm_step_host_ms"] == pytest.approx(6.0)
         while engine.has_unfinished_requests():
             engine.step()
     finally:
         engine.shutdown()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _allocation_on_a_clock(monkeypatch) -> tuple[SMAllocation, _Clock]:
+    config = EngineArgs(model="tiny-qwen2-vl", max_model_len=256, slo_tpot_ms=50).create_engine_config()
+    clock = _Clock()
+    monkeypatch.setattr(sm_allocation, "time", SimpleNamespace(monotonic=clock.monotonic))
+    return SMAllocation(config, fake_curves(), SPLITS), clock
+
+
+def _decodes_only(stalled_ms: float = 0.0) -> Allocation:
+    """Like the fast path's decisions: a fresh object each step, equal by value to the others."""
+    return Allocation(Placement.LM_WHOLE, 0, TOTAL_SMS, 8192, decode_stalled_ms=stalled_ms, reason="decodes only")
+
+
+def test_each_decode_gap_pairs_with_the_gpu_time_of_its_step_in_either_order(monkeypatch):
+    rng = random.Random(17)
+    allocation, clock = _allocation_on_a_clock(monkeypatch)
+    allocation.lm_step_collected(_decodes_only(), decoded=True)  # the first decode: no gap yet
+    expected, untimed = [], []
+    for _ in range(200):
+        gap, gpu, stalled = rng.uniform(10.0, 30.0), rng.uniform(2.0, 9.0), rng.uniform(0.0, 1.0)
+        expected.append(gap - stalled - gpu)
+        decision = _decodes_only(stalled)
+        clock.now += gap / 1e3
+        if rng.random() < 0.5:  # its events completed by its own collection
+            allocation.lm_step_timed(decision, gpu)
+            allocation.lm_step_collected(decision, decoded=True)
+        else:  # they complete a few collections later
+            allocation.lm_step_collected(decision, decoded=True)
+            untimed.append((decision, gpu))
+        while untimed and (len(untimed) > 3 or rng.random() < 0.3):
+            allocation.lm_step_timed(*untimed.pop(0))
+    for late in untimed:
+        allocation.lm_step_timed(*late)
+    host = allocation.lm_step_host
+    assert host.samples == 200 and not allocation._unpaired
+    assert host.total_excess_ms == pytest.approx(sum(expected), rel=1e-6)
+    assert host.value_ms == pytest.approx(sum(expected[-40:]) / 40, abs=3.0)
+    counters = allocation.as_dict()
+    assert counters["allocator_lm_step_host_ms"] == host.value_ms
+    assert counters["allocator_lm_step_host_count"] == 200
+    assert counters["allocator_lm_step_host_excess_s"] == pytest.approx(sum(expected) / 1e3, rel=1e-6)
+
+
+def test_halves_that_never_pair_are_bounded_and_teach_nothing(monkeypatch):
+    allocation, clock = _allocation_on_a_clock(monkeypatch)
+    for _ in range(500):  # on the CPU: gaps, and never a GPU time
+        clock.now += 0.02
+        allocation.lm_step_collected(_decodes_only(), decoded=True)
+    assert len(allocation._unpaired) == SMAllocation.MAX_UNPAIRED_STEPS
+    for _ in range(500):  # GPU times of steps whose gap never comes
+        allocation.lm_step_timed(_decodes_only(), 5.0)
+    assert len(allocation._unpaired) == SMAllocation.MAX_UNPAIRED_STEPS
+    prefill = _decodes_only()
+    allocation.lm_step_timed(prefill, 5.0)
+    allocation.lm_step_collected(prefill, decoded=False)  # ended no decode gap: its GPU time pairs with nothing
+    assert id(prefill) not in allocation._unpaired
+    for _ in range(20):  # steps without a decision
+        clock.now += 0.02
+        allocation.lm_step_timed(None, 5.0)
+        allocation.lm_step_collected(None, decoded=True)
+    assert allocation.lm_step_host.samples == 0 and allocation.lm_step_host.value_ms is None
+    counters = allocation.as_dict()
+    assert counters["allocator_lm_step_host_ms"] == 0.0 and counters["allocator_lm_step_host_count"] == 0
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in counters.values())

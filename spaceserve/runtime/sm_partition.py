@@ -123,6 +123,8 @@ class SMPartition:
     total_sms: int
     encoder_stream: torch.cuda.Stream  # an ExternalStream on the encoder's green context
     lm_stream: torch.cuda.Stream  # an ExternalStream on the remainder's green context
+    prefill_stream: torch.cuda.Stream | None = None
+    """A second stream on the encoder's green context: prefill steps on the encoder's side (engine/prefill_lane.py)."""
 
 
 class SMPartitionManager:
@@ -190,19 +192,22 @@ class SMPartitionManager:
         if remaining.sm.smCount < 1:
             raise ConfigError(f"encoder_sms={encoder_sms} rounds up to {granted} of {self.device}'s "
                               f"{self.total_sms} SMs, leaving the language model none; ask for fewer")
-        encoder_stream = self._stream_on_green_context(groups[0])
-        lm_stream = self._stream_on_green_context(remaining)
+        encoder_stream, prefill_stream = self._streams_on_green_context(groups[0], 2)
+        (lm_stream,) = self._streams_on_green_context(remaining, 1)
         return SMPartition(encoder_sms=granted, lm_sms=remaining.sm.smCount, total_sms=self.total_sms,
-                           encoder_stream=encoder_stream, lm_stream=lm_stream)
+                           encoder_stream=encoder_stream, lm_stream=lm_stream, prefill_stream=prefill_stream)
 
-    def _stream_on_green_context(self, sm_resource: Any) -> torch.cuda.Stream:
+    def _streams_on_green_context(self, sm_resource: Any, count: int) -> list[torch.cuda.Stream]:
         driver = self._driver
         desc = _call(driver, "cuDevResourceGenerateDesc", [sm_resource], 1)
         context = _call(driver, "cuGreenCtxCreate", desc, self._cu_device,
                         driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM)
-        stream = _call(driver, "cuGreenCtxStreamCreate", context, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0)
-        self._green_contexts.append((context, stream))
-        return self._wrap_stream(int(stream), self.device)
+        streams = []
+        for _ in range(count):
+            stream = _call(driver, "cuGreenCtxStreamCreate", context, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0)
+            self._green_contexts.append((context, stream))
+            streams.append(self._wrap_stream(int(stream), self.device))
+        return streams
 
 
 _managers: dict[torch.device, SMPartitionManager] = {}

@@ -168,10 +168,16 @@ def test_a_partition_is_made_once_per_count_and_several_coexist():
     assert manager.partition(20) is first and manager.partition(40) is second
     assert (second.encoder_sms, second.lm_sms) == (40, 74)
     assert driver.count("cuDevSmResourceSplitByCount") == 2
-    assert driver.count("cuGreenCtxCreate") == 4 and driver.count("cuGreenCtxStreamCreate") == 4
-    streams = {first.encoder_stream.handle, first.lm_stream.handle, second.encoder_stream.handle,
-               second.lm_stream.handle}
-    assert len(streams) == 4
+    # a context per side; the encoder's side has a second stream for prefill steps (engine/prefill_lane.py)
+    assert driver.count("cuGreenCtxCreate") == 4 and driver.count("cuGreenCtxStreamCreate") == 6
+    streams = {first.encoder_stream.handle, first.lm_stream.handle, first.prefill_stream.handle,
+               second.encoder_stream.handle, second.lm_stream.handle, second.prefill_stream.handle}
+    assert len(streams) == 6
+    for split in (first, second):
+        encoder_context = driver.streams[int(split.encoder_stream.handle)]
+        assert driver.streams[int(split.prefill_stream.handle)] == encoder_context
+        assert driver.context_sms[int(encoder_context)] == split.encoder_sms
+        assert driver.streams[int(split.lm_stream.handle)] != encoder_context
     assert driver.count("cuDevicePrimaryCtxRetain") == 1
 
 

@@ -7,7 +7,11 @@ Scheduling may run one step ahead of the results (overlapped scheduling): `sched
 can be scheduled while this one runs; the runner feeds placeholders from the device. `update_from_output` then
 appends the real tokens. A request is not scheduled past what its in-flight tokens can reach (max_tokens,
 max_model_len), and a token sampled for a request that has finished meanwhile (EOS, a stop string, an abort) is
-dropped, so outputs end at exactly the token they end at without overlap."""
+dropped, so outputs end at exactly the token they end at without overlap.
+
+A second lane of prefill steps may run beside the decode steps, on other SMs (the SM allocator's PREFILL_SPLIT,
+engine/prefill_lane.py): `schedule_prefill_lane` takes prompt chunks only, and its requests stay out of `schedule`
+until `release_prefill_lane`; neither lane preempts a request of the lane, whose step may still write its blocks."""
 
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.in_prefill_lane: set[str] = set()
+        """Requests whose prefill step runs in the prefill lane (not scheduled by `schedule` meanwhile)."""
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -95,9 +101,9 @@ class Scheduler:
             request = self.running[index]
             start = request.num_computed_tokens
             num_new = 0
-            if not self._inflight_tokens_finish(request):
+            if request.request_id not in self.in_prefill_lane and not self._inflight_tokens_finish(request):
                 remaining = request.num_tokens_with_placeholders - start
-                decoding = remaining == 1 and request.num_output_tokens + request.num_output_placeholders > 0
+                decoding = _is_decoding(request, remaining)
                 num_new = min(remaining, budget if decoding else min(budget, prefill_left))
                 num_new = self._limit_to_ready_images(request, start, num_new)
                 if not decoding:
@@ -106,7 +112,8 @@ class Scheduler:
                 index += 1
                 continue
             while not self.kv_manager.allocate_slots(request, num_new):
-                victim = self.running.pop()
+                victim = self._preemptible_victim()  # at worst `request` itself, which is not in the lane
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -124,6 +131,46 @@ class Scheduler:
             if seq.samples:
                 seq.request.num_output_placeholders += 1
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def schedule_prefill_lane(self, max_tokens: int) -> SchedulerOutput:
+        """A prefill-only step for the prefill lane: prompt chunks (or a preempted request's recompute) of running
+        requests, then of waiting ones, up to `max_tokens`. Never preempts: a chunk that finds no free KV blocks
+        waits. Its requests stay out of `schedule` until `release_prefill_lane`."""
+        budget = min(max(0, max_tokens), self.config.max_num_batched_tokens)
+        scheduled: list[ScheduledSequence] = []
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.request_id in self.in_prefill_lane or request.num_output_placeholders:
+                continue  # its previous step is still in flight
+            start = request.num_computed_tokens
+            remaining = request.num_tokens_with_placeholders - start
+            if _is_decoding(request, remaining):
+                continue
+            num_new = self._limit_to_ready_images(request, start, min(remaining, budget))
+            if num_new <= 0:
+                continue
+            if not self.kv_manager.allocate_slots(request, num_new):
+                break
+            scheduled.append(self._scheduled(request, start, num_new))
+            budget -= num_new
+        self._admit_waiting(budget, scheduled)
+        for seq in scheduled:
+            seq.request.num_computed_tokens = seq.end
+            if seq.samples:
+                seq.request.num_output_placeholders += 1
+            self.in_prefill_lane.add(seq.request.request_id)
+        return SchedulerOutput(tuple(scheduled))
+
+    def release_prefill_lane(self, scheduled: SchedulerOutput) -> None:
+        """The lane's step has finished on the device: its requests may be scheduled by either lane again."""
+        for seq in scheduled.sequences:
+            self.in_prefill_lane.discard(seq.request.request_id)
+
+    def _preemptible_victim(self) -> Request:
+        """The most recently admitted running request that is not in the prefill lane (its step may still write
+        its blocks)."""
+        return next(r for r in reversed(self.running) if r.request_id not in self.in_prefill_lane)
 
     def _inflight_tokens_finish(self, request: Request) -> bool:
         """The tokens already being sampled reach max_tokens or max_model_len: nothing more to schedule."""
@@ -211,6 +258,12 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        self.in_prefill_lane.discard(request.request_id)
         self.kv_manager.free(request)
         self.encoder_scheduler.cancel(request.request_id)
         del self.requests[request.request_id]
+
+
+def _is_decoding(request: Request, remaining: int) -> bool:
+    """The request's next step is one token of its output (not a prompt chunk or a recompute)."""
+    return remaining == 1 and request.num_output_tokens + request.num_output_placeholders > 0

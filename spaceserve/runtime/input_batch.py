@@ -103,6 +103,10 @@ class InputBatch:
         self.forget_blocks(request_id)
         self._generators.pop(request_id, None)
 
+    def share_generators(self, other: InputBatch) -> None:
+        """Use `other`'s per-request sampling generators (a second runner over the same requests)."""
+        self._generators = other._generators
+
     def forget_blocks(self, request_id: str) -> None:
         """The request lost its KV blocks (preempted); the row is rebuilt when it is scheduled again."""
         cached = self._requests.pop(request_id, None)

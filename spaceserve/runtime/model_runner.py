@@ -78,14 +78,8 @@ class ModelRunner:
         self.device = device
         self.vocab_size = self.language_model.cfg.vocab_size
         self.stream = stream if stream is not None or device.type != "cuda" else _runner_stream(device)
-        self.input_batch = InputBatch(
-            max_num_tokens=max_num_tokens,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            vocab_size=self.vocab_size,
-            device=device,
-        )
+        self._sizes = dict(max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        self.input_batch = InputBatch(**self._sizes, block_size=block_size, vocab_size=self.vocab_size, device=device)
         pin = device.type == "cuda"
         self._sampled_host = [
             torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(_NUM_OUTPUT_BUFFERS)
@@ -106,6 +100,17 @@ class ModelRunner:
         self.sampling_generator: torch.Generator | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------
+
+    def sibling(self, stream: torch.cuda.Stream | None) -> ModelRunner:
+        """A runner over the same model, KV cache and seeded-sampling generators, with input buffers of its own, on
+        `stream` (eager steps only): it runs prefill steps while this one's steps are in flight
+        (engine/prefill_lane.py). A request's generator is shared, so its tokens do not depend on which runner
+        sampled them."""
+        other = ModelRunner(self.model, self.kv_caches, self.block_size, self.backend, self.device, **self._sizes,
+                            stream=stream)
+        other.input_batch.share_generators(self.input_batch)
+        other.sampling_generator = self.sampling_generator
+        return other
 
     def initialize_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         if self.cuda_graphs is not None:

@@ -122,6 +122,9 @@ class AllocationConfig:
     """Time to first token past which a queued request counts as a miss."""
     startup_profile_s: float = 60.0
     """Most seconds the start-up profile may take (without sm_curves)."""
+    enable_prefill_split: bool = False
+    """Let the allocator run prefill steps on the encoder's side of a split while decode-only steps run on the
+    other side (engine/prefill_lane.py); one process, one rank."""
 
     def __post_init__(self) -> None:
         if not (self.slo_tpot_ms > 0 and self.slo_ttft_ms > 0):
@@ -297,6 +300,9 @@ class EngineConfig:
                 f"encoder_process needs a concurrent mode ({', '.join(ENCODER_PROCESS_MODES)}), got multiplex "
                 f"{self.multiplex!r}: time runs the encoder inside the engine step, and auto must be resolved first"
             )
+        if self.allocation.enable_prefill_split and (self.encoder_process or self.parallel.tensor_parallel_size > 1):
+            raise ConfigError("enable_prefill_split runs prefill steps on the encoder's SMs from the engine's process, "
+                              "on one rank: not with encoder_process or tensor_parallel_size > 1")
         for name in ("encoder_mps_percentage", "lm_mps_percentage"):
             value = getattr(self, name)
             if value is None:

@@ -91,6 +91,10 @@ class EngineArgs:
     )
     slo_tpot_ms: float = cli_field(50.0, "TPOT the SM allocator keeps decodes within")
     slo_ttft_ms: float = cli_field(2000.0, "TTFT the SM allocator aims for")
+    enable_prefill_split: bool = cli_field(
+        False, "space: let the SM allocator run prefill steps on the encoder's side of a split, beside decode-only "
+        "steps on the other side (SGLang's PD multiplexing with the encoder on the prefill side)"
+    )
     encoder_process: bool = cli_field(
         False, "streams/space: run the vision encoder in a process of its own (on a GPU: under an MPS daemon, see "
         "scripts/mps_daemon.sh); mps always does"
@@ -245,6 +249,7 @@ class EngineArgs:
                 sm_curves=_checked_curves_file(self.sm_curves),
                 slo_tpot_ms=self.slo_tpot_ms,
                 slo_ttft_ms=self.slo_ttft_ms,
+                enable_prefill_split=self.enable_prefill_split,
             ),
             encoder=EncoderConfig(
                 policy=self.encoder_policy,  # type: ignore[arg-type]

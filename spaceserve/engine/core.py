@@ -30,6 +30,7 @@ from spaceserve.core.request import Request, RequestStatus
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.engine.core_outputs import STATUS_OF_REASON, core_output
 from spaceserve.engine.encoder_stage import EncoderStage
+from spaceserve.engine.prefill_lane import PrefillLane, build_prefill_lane, decode_lane_prefill_budget
 from spaceserve.engine.step_timing import LaunchedStep, LoopStats, PendingGpuTimes
 from spaceserve.engine.sm_allocation import SMAllocation
 from spaceserve.engine.video_jobs import VideoJobs
@@ -89,6 +90,9 @@ class EngineCore:
                         "policy picks each batch's split")
         elif self.layout.partitions:
             self.attach_allocation(SMAllocation(config, engine_curves(self), self.layout.encoder_sms_counts))
+        self.prefill_lane: PrefillLane | None = None
+        if config.allocation.enable_prefill_split:
+            self.attach_prefill_lane(build_prefill_lane(self.layout, self.allocation, self.model_runner))
         self.loop_stats = LoopStats()
         self._pending_gpu_times = PendingGpuTimes()
         self.async_scheduling = config.scheduler.async_scheduling
@@ -151,13 +155,18 @@ class EngineCore:
             self.loop_stats.encoder_inline_s += encoder_s
             self.loop_stats.encoder_inline_batches += int(encoded)
             step_start += encoder_s  # kept out of lm_host_s
+        lane = self.prefill_lane
+        if lane is not None:
+            failed += self._finish_prefill_lane()  # the lane's outputs go out with the step's
         decision = None
         if self.allocation is not None:
             decision = self.allocation.decide(self.scheduler, stage.scheduler)
         if decision is not None and decision.lm_sms == 0:
             scheduled = SchedulerOutput(())  # the LM waits for a whole-device encoder batch
         else:
-            scheduled = self.scheduler.schedule(None if decision is None else decision.prefill_tokens)
+            if lane is not None:
+                lane.start(decision, self.scheduler, stage, self.allocation, self.model_runner.stream)
+            scheduled = self.scheduler.schedule(decode_lane_prefill_budget(decision))
         lm_idle = scheduled.is_empty and self._in_flight is None
         stage.dispatch(lm_idle=lm_idle, num_running=self.scheduler.num_running, allocation=decision)
         launched = self._launch(scheduled, decision) if not scheduled.is_empty else None
@@ -191,6 +200,8 @@ class EngineCore:
         stage = self.encoder_stage
         if (stream := stage.lm_stream()) is not None:
             self.model_runner.use_stream(stream)
+        if self.prefill_lane is not None:
+            self.prefill_lane.before_lm_step(self.model_runner.stream)
         handle = self.model_runner.launch(scheduled, stage.embeddings)
         launched = LaunchedStep(scheduled, handle, self._last_lm_end, stage.take_inline_span(), decision)
         if handle.gpu_span is not None:
@@ -207,7 +218,17 @@ class EngineCore:
         self.executor.check_health()
 
     def has_step_in_flight(self) -> bool:
-        return self._in_flight is not None
+        return self._in_flight is not None or (self.prefill_lane is not None and self.prefill_lane.busy)
+
+    def attach_prefill_lane(self, lane: PrefillLane | None) -> None:
+        """PREFILL_SPLIT's prefill lane (prefill_lane.py), which the SM allocator may then choose; None: none."""
+        self.prefill_lane = lane
+        if lane is not None:
+            self.allocation.enable_prefill_split()
+
+    def _finish_prefill_lane(self) -> list[EngineCoreOutput]:
+        finished = self.prefill_lane.finish(self.scheduler, self.encoder_stage, self.allocation)
+        return [] if finished is None else self._process_step_output(*finished)
 
     def _process_step_output(
         self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -229,6 +250,9 @@ class EngineCore:
         """Nothing for the LM this step: wait briefly for the work in flight elsewhere, or report a stall."""
         stage = self.encoder_stage
         stage.resolve_end_times()
+        if self.prefill_lane is not None and self.prefill_lane.busy:
+            self.prefill_lane.wait(_IDLE_ENCODER_WAIT_S)  # the next step collects it
+            return
         if stage.busy:
             stage.collect(timeout=_IDLE_ENCODER_WAIT_S)  # taken in; the next step schedules it
             return
@@ -272,6 +296,9 @@ class EngineCore:
         """A finished request: stop decoding its videos and drop its runner state."""
         self.videos.cancel(request.request_id)
         self.model_runner.release(request.request_id)
+        if self.prefill_lane is not None:
+            self.prefill_lane.fence_finished((request.request_id,))  # its freed blocks: the lane may still write them
+            self.prefill_lane.release(request.request_id)
 
     def shutdown(self) -> None:
         """Stop the encoder worker and the video decode stage, and close the decoder sessions. Idempotent."""
@@ -293,6 +320,7 @@ class EngineCore:
             "device": str(self.device),
             "dtype": str(self.dtype),
             "parallel": self.executor.describe(),
+            "prefill_split": self.prefill_lane is not None,
             **({"encoder_process": self.encoder_stage.worker.info} if self.layout.encoder_process else {}),
         }
 
@@ -322,6 +350,8 @@ class EngineCore:
         """Totals of where both loops spend their time (for benchmarks: the GIL and host work, measured)."""
         counters: dict[str, float] = asdict(self.loop_stats)
         counters.update(self.encoder_stage.counters())
+        if self.prefill_lane is not None:
+            counters.update(self.prefill_lane.counters())
         if self.allocation is not None:
             counters.update(self.allocation.as_dict())
         return counters

@@ -86,6 +86,7 @@ class EncoderStage:
         self._inline_span: GpuSpan | None = None
         self.worker: EncoderWorker | ProcessEncoderWorker | None = worker
         self._split: SMPartition | None = None  # the split of the batches in flight (None: whole device / streams)
+        self._held_split: SMPartition | None = None  # the prefill lane's split while its step runs
         self._allocation: SMAllocation | None = None
         self._lost_request_ids: set[str] = set()  # waiting for batches a dead encoder process lost
         if worker is None and layout.concurrent:
@@ -199,7 +200,8 @@ class EncoderStage:
             return
         on_full_device = sms >= self.layout.total_sms or not self.layout.partitions
         split = None if on_full_device else self.layout.partition_with(sms)
-        if self.busy and (on_full_device or split is not self._split):
+        occupied, current = self._occupied_split()
+        if occupied and (on_full_device or split is not current):
             return  # one split at a time (the allocator plans for the one in flight; this guards a stale view)
         batch = self._take_batch()
         if batch is None:
@@ -212,9 +214,27 @@ class EncoderStage:
 
     def lm_stream(self) -> torch.cuda.Stream | None:
         """Where the LM step runs now: its side of the split in flight, else the whole device (None: its own)."""
-        if self.busy and self._split is not None:
-            return self._split.lm_stream
-        return self.layout.lm_stream
+        _, split = self._occupied_split()
+        return split.lm_stream if split is not None else self.layout.lm_stream
+
+    def can_hold_split(self, split: SMPartition) -> bool:
+        """Whether the prefill lane may run on `split` now: no encoder batch occupies another split."""
+        occupied, current = self._occupied_split()
+        return not occupied or current is split
+
+    def hold_split(self, split: SMPartition | None) -> None:
+        """The prefill lane runs on `split`'s encoder side (None: it has ended): batches go to that split only and
+        the LM's steps to its other side meanwhile."""
+        if split is not None and not self.can_hold_split(split):
+            raise RuntimeError("the prefill lane must run on the split of the encoder batches in flight")
+        self._held_split = split
+
+    def _occupied_split(self) -> tuple[bool, SMPartition | None]:
+        """(whether encoder batches or the prefill lane are in flight, the split they occupy: None for a
+        whole-device or unsplit batch)."""
+        if self.busy:
+            return True, self._split
+        return self._held_split is not None, self._held_split
 
     # ---- introspection and shutdown --------------------------------------------------------------------------
 

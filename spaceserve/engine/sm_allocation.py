@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from spaceserve.config import EngineConfig
 from spaceserve.sched.allocation_counters import AllocatorCounters
@@ -73,6 +73,8 @@ class SMAllocation:
         plan is infeasible anyway."""
         self._unpaired: OrderedDict[int, _StepTimes] = OrderedDict()
         self._in_flight: list[_BatchInFlight] = []
+        self._lane: _BatchInFlight | None = None
+        """The prefill lane's step in flight (PREFILL_SPLIT): it holds its split as an encoder batch would."""
         self._last_decode_output: float | None = None
         logger.info("SM allocator: splits %s of %d SMs, TPOT SLO %.0f ms, TTFT SLO %.0f ms",
                     [s.encoder_sms for s in self.allocator.splits], self.total_sms, self.config.slo_tpot_ms,
@@ -88,10 +90,11 @@ class SMAllocation:
             return decision
         now = time.monotonic()
         in_flight = None
-        if self._in_flight:
-            batch = self._in_flight[-1]
-            ids = frozenset().union(*(b.request_ids for b in self._in_flight))
-            in_flight = EncoderInFlight(batch.encoder_sms, max(b.ends_at for b in self._in_flight), ids)
+        occupying = self._in_flight + ([self._lane] if self._lane is not None else [])
+        if occupying:
+            # the lane's requests are "waiting on the flight": their first token comes when its step ends
+            ids = frozenset().union(*(b.request_ids for b in occupying))
+            in_flight = EncoderInFlight(occupying[0].encoder_sms, max(b.ends_at for b in occupying), ids)
         state = allocator_state(scheduler, encoder_scheduler, now, in_flight=in_flight,
                                 decode_stalled_ms=self._stalled_ms(now),
                                 lm_step_scales=(self.lm_step_split.factor, self.lm_step_whole.factor),
@@ -104,7 +107,7 @@ class SMAllocation:
         return 0.0 if self._last_decode_output is None else (now - self._last_decode_output) * 1e3
 
     def _nothing_to_weigh(self, scheduler: Scheduler, encoder_scheduler: EncoderScheduler) -> bool:
-        if self._in_flight or encoder_scheduler.has_work or scheduler.num_waiting:
+        if self._in_flight or self._lane is not None or encoder_scheduler.has_work or scheduler.num_waiting:
             return False
         return all(request.num_output_tokens for request in scheduler.running)
 
@@ -121,6 +124,21 @@ class SMAllocation:
                 self.counters.record_encoder_batch(batch.decision, seconds * 1e3)
                 del self._in_flight[index]
                 return
+
+    def enable_prefill_split(self) -> None:
+        """The engine has a prefill lane: the allocator may choose PREFILL_SPLIT."""
+        self.config = replace(self.config, prefill_split=True)
+        self.allocator.config = self.config
+
+    def prefill_dispatched(self, decision: Allocation, encoder_sms: int, request_ids: frozenset[str]) -> None:
+        predicted_ms = decision.predicted_prefill_step_ms or 0.0
+        self._lane = _BatchInFlight(encoder_sms, time.monotonic() + predicted_ms / 1e3, request_ids, decision)
+
+    def prefill_finished(self, decision: Allocation | None, request_ids: frozenset[str], gpu_ms: float | None) -> None:
+        """The lane's step ended; `gpu_ms`: its GPU time (None off CUDA)."""
+        self._lane = None
+        if decision is not None and gpu_ms is not None:
+            self.counters.record_prefill_step(decision, gpu_ms)
 
     def lm_step_timed(self, decision: Allocation | None, gpu_ms: float) -> None:
         """A step's GPU time, once its events completed (possibly a few steps after it was collected)."""

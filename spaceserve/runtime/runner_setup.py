@@ -127,7 +127,8 @@ def build_runners(
         encoder_cache_bytes=encoder_cache_bytes,
         video_cache_bytes=config.video.cache_bytes if device.type == "cuda" else 0,  # processed videos live there
         profiled=profiled,
-        lm_streams=max(1, len(layout.lm_streams)),
+        # with the prefill lane, each split's prefill stream may hold an LM step's activations too
+        lm_streams=max(1, len(layout.lm_streams)) + (len(layout.partitions) * config.allocation.enable_prefill_split),
         encoder_streams=layout.num_encoder_streams,
         vision_graph_bytes=vision_graphs.total_memory_bytes if vision_graphs is not None else 0,
         encoder_runs_eagerly=encoder_runs_eagerly(config, vision_graphs),

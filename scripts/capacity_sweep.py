@@ -180,7 +180,9 @@ def _workload_section(directory: Path, workload: str, rows: list[dict], text_onl
                      f"{_f(r.get('p50_ttft_ms'), 0)} | {_f(r.get('p99_ttft_ms'), 0)} | "
                      f"{_f(r.get('request_throughput'), 2)} |")
     lines += _allocator_table(rows)
-    lines += ["", "Targets:", ""] + [c.line() for c in check_targets(rows + text_only)] + [""]
+    for space in sorted({series_name(r) for r in rows if r["multiplex"] == "space"}) or ["space/fcfs"]:
+        lines += ["", f"Targets ({space} against time/fcfs):", ""]
+        lines += [c.line() for c in check_targets(rows + text_only, space=space)] + [""]
     try:
         _plot(directory, workload, rows + text_only, slos)
         lines += [f"![capacity](capacity-{workload}.png)", f"![latency](latency-{workload}.png)", ""]

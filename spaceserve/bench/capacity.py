@@ -31,12 +31,25 @@ def geometric_rates(lowest: float, highest: float, step: float = 1.15) -> list[f
     return rates
 
 
+DEFAULT_ENGINE_SLO_TPOT_MS = 50.0
+
+
 def series_name(row: dict[str, Any]) -> str:
-    """text-only, or mode/policy; `space --encoder-process` is the mode space-process (told apart by its settings)."""
+    """text-only, or mode/policy. space's variants are told apart by their engine settings: `--encoder-process` is
+    space-process, `--enable-prefill-split` space-prefill-split, and an engine TPOT SLO other than the default is
+    a suffix (space@tpot25: the allocator kept decodes within 25 ms)."""
     if row.get("workload") == "text-only":
         return "text-only"
     engine_args = (row.get("engine_settings") or {}).get("engine_args") or {}
-    mode = "space-process" if row["multiplex"] == "space" and engine_args.get("encoder_process") else row["multiplex"]
+    mode = row["multiplex"]
+    if mode == "space":
+        if engine_args.get("encoder_process"):
+            mode = "space-process"
+        if engine_args.get("enable_prefill_split"):
+            mode += "-prefill-split"
+        tpot = engine_args.get("slo_tpot_ms")
+        if tpot is not None and float(tpot) != DEFAULT_ENGINE_SLO_TPOT_MS:
+            mode += f"@tpot{float(tpot):g}"
     return f"{mode}/{row['encoder_policy']}"
 
 

@@ -102,3 +102,19 @@ def test_targets_without_the_rows_they_need_are_not_checked():
     assert checks[1].met is None and "sweep lighter" in checks[1].detail
     assert checks[-1].met is None and "text-only" in checks[-1].detail
     assert math.isclose(checks[2].value, 1.0)
+
+
+def test_space_variants_are_series_of_their_own_named_by_their_engine_settings():
+    from spaceserve.bench.capacity import series_name
+
+    def with_args(**engine_args):
+        r = row("space", 4, SLO25, 1.0)
+        r["engine_settings"] = {"engine_args": {"slo_tpot_ms": 50.0, **engine_args}}
+        return series_name(r)
+
+    assert with_args() == "space/fcfs"
+    assert with_args(encoder_process=True) == "space-process/fcfs"
+    assert with_args(enable_prefill_split=True) == "space-prefill-split/fcfs"
+    assert with_args(slo_tpot_ms=25.0) == "space@tpot25/fcfs"
+    assert with_args(enable_prefill_split=True, slo_tpot_ms=22.5) == "space-prefill-split@tpot22.5/fcfs"
+    assert series_name(row("time", 4, SLO25, 1.0)) == "time/fcfs"  # only space's variants are told apart

@@ -57,6 +57,7 @@ def test_summary_states_capacities_and_targets(tmp_path):
     (tmp_path / "text-only.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["workload"] == "text-only"))
     text = load_script().summarize(tmp_path)
     assert "| space/fcfs | 8 (~" in text and "| time/fcfs | 4 (~" in text
+    assert "Targets (space/fcfs against time/fcfs):" in text
     assert "capacity at ttft<=2s,tpot<=25ms: space / time: 2.00 (target >= 1.5): met" in text
     assert "space TTFT p50 / time TTFT p50 at the lightest rate (4): 1.10 (target <= 1.2): met" in text
     assert "time mean TPOT / space mean TPOT at the highest rate (12): 10.00 (target >= 10): met" in text

@@ -204,15 +204,22 @@ def _allocator_table(rows: list[dict]) -> list[str]:
         seen.add(key)
         decisions = "/".join(str(int(counters.get(f"allocator_{p}_decisions", 0)))
                              for p in ("lm_whole", "split", "encoder_whole", "prefill_split"))
-        ratios = [_ratio(counters, kind) for kind in ("lm_step", "lm_step_curve", "encoder_batch", "decode_gap")]
+        kinds = ("lm_step", "lm_step_curve", "encoder_batch", "prefill_step", "decode_gap")
+        ratios = [_ratio(counters, kind) for kind in kinds]
+        gaps = counters.get("allocator_lm_step_host_count")
+        host = f"{counters['allocator_lm_step_host_excess_s'] / gaps * 1e3:.2f}" if gaps else "-"
+        lane = f"{int(counters['prefill_lane_steps'])}" if "prefill_lane_steps" in counters else "-"
         lines.append(f"| {key[0]} | {key[1]:g} | {decisions} | " + " | ".join(ratios)
-                     + f" | {int(counters.get('allocator_tpot_violations', 0))} |")
+                     + f" | {int(counters.get('allocator_tpot_violations', 0))} | {host} | {lane} |")
     if not lines:
         return []
     return ["", "SM allocator (space rows): decisions LM whole / split / encoder whole / prefill split; measured / "
-            "predicted time, summed over the run (steps counted)", "",
-            "| series | rate | decisions | LM step | LM step vs bare curve | encoder batch | decode gap | gaps > TPOT "
-            "SLO |", "|---|---|---|---|---|---|---|---|", *lines]
+            "predicted time, summed over the run (steps counted); host ms: the mean excess of a decode gap over its "
+            "step's GPU time that the engine learned from (`allocator_lm_step_host_*`); lane steps: prefill steps "
+            "run beside the decode steps (`--enable-prefill-split`)", "",
+            "| series | rate | decisions | LM step | LM step vs bare curve | encoder batch | prefill step (lane) | "
+            "decode gap | gaps > TPOT SLO | host ms | lane steps |", "|---|---|---|---|---|---|---|---|---|---|---|",
+            *lines]
 
 
 def _ratio(counters: dict, kind: str) -> str:

@@ -53,6 +53,13 @@ def test_summary_states_capacities_and_targets(tmp_path):
                         | {"model": "m", "device": "d", "engine_counters": allocator})
             rows.append(row("time", rate, slo, time_att, tpot=30.0, ttft=100.0) | {"model": "m", "device": "d"})
         rows.append(row("time", rate, SLO50, 1.0, workload="text-only", p99_tpot=5.0) | {"model": "m", "device": "d"})
+    lane = allocator | {"allocator_prefill_split_decisions": 5, "allocator_prefill_step_count": 4,
+                        "allocator_prefill_step_predicted_s": 0.4, "allocator_prefill_step_actual_s": 0.2,
+                        "allocator_lm_step_host_count": 200, "allocator_lm_step_host_excess_s": 0.3,
+                        "prefill_lane_steps": 4}
+    rows.append(row("space", 4, SLO25, 1.0, tpot=3.0, ttft=110.0) | {
+        "model": "m", "device": "d", "engine_counters": lane,
+        "engine_settings": {"engine_args": {"enable_prefill_split": True, "slo_tpot_ms": 50.0}}})
     (tmp_path / "image-mix.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["workload"] != "text-only"))
     (tmp_path / "text-only.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["workload"] == "text-only"))
     text = load_script().summarize(tmp_path)
@@ -63,6 +70,8 @@ def test_summary_states_capacities_and_targets(tmp_path):
     assert "time mean TPOT / space mean TPOT at the highest rate (12): 10.00 (target >= 10): met" in text
     assert "space p99 TPOT / text-only p99 TPOT" in text and "1.20" in text
     # the allocator's table: decisions, measured / predicted with and without the learned correction
-    assert "| space/fcfs | 4 | 30/12/0/0 | 1.10 (40) | 2.20 (40) | - | - | 3 |" in text
+    assert "| space/fcfs | 4 | 30/12/0/0 | 1.10 (40) | 2.20 (40) | - | - | - | 3 | - | - |" in text
+    assert "| space-prefill-split/fcfs | 4 | 30/12/0/5 | 1.10 (40) | 2.20 (40) | - | 0.50 (4) | - | 3 | 1.50 | 4 |" in text
+    assert "Targets (space-prefill-split/fcfs against time/fcfs):" in text
     assert "| time/fcfs | 4 | 30/" not in text
     assert load_script().parse_rates("4:5", 1.15) == [4.0, 4.6, 5.29]

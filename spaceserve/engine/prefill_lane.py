@@ -117,7 +117,8 @@ class PrefillLane:
         stage.hold_split(partition)
         step = self.launch(scheduled, partition, stage.embeddings, (lm_stream, partition.encoder_stream), decision)
         if allocation is not None:
-            allocation.prefill_dispatched(decision, partition.encoder_sms, step.request_ids)
+            allocation.prefill_dispatched(decision, partition.encoder_sms, step.request_ids,
+                                          scheduled.num_batched_tokens)
         return True
 
     def finish(
@@ -132,7 +133,7 @@ class PrefillLane:
         scheduler.release_prefill_lane(step.scheduled)
         stage.hold_split(None)
         if allocation is not None:
-            allocation.prefill_finished(step.decision, step.request_ids, step.gpu_ms())
+            allocation.prefill_finished(step.gpu_ms())
         return step.scheduled, output
 
     # ---- the lane's own steps ---------------------------------------------------------------------------

@@ -130,15 +130,20 @@ class SMAllocation:
         self.config = replace(self.config, prefill_split=True)
         self.allocator.config = self.config
 
-    def prefill_dispatched(self, decision: Allocation, encoder_sms: int, request_ids: frozenset[str]) -> None:
-        predicted_ms = decision.predicted_prefill_step_ms or 0.0
-        self._lane = _BatchInFlight(encoder_sms, time.monotonic() + predicted_ms / 1e3, request_ids, decision)
+    def prefill_dispatched(self, decision: Allocation, encoder_sms: int, request_ids: frozenset[str],
+                           num_tokens: int) -> None:
+        """A lane step of `num_tokens` launched on the encoder's `encoder_sms`. Its prediction is the curve's for
+        those tokens (the decision's was for the whole backlog's chunk), scaled as the LM's steps beside the encoder."""
+        curve_ms = float(self.allocator.prefill_curve_ms(encoder_sms, num_tokens))
+        predicted = replace(decision, predicted_prefill_step_ms=curve_ms * self.lm_step_split.factor)
+        ends_at = time.monotonic() + predicted.predicted_prefill_step_ms / 1e3
+        self._lane = _BatchInFlight(encoder_sms, ends_at, request_ids, predicted)
 
-    def prefill_finished(self, decision: Allocation | None, request_ids: frozenset[str], gpu_ms: float | None) -> None:
+    def prefill_finished(self, gpu_ms: float | None) -> None:
         """The lane's step ended; `gpu_ms`: its GPU time (None off CUDA)."""
-        self._lane = None
-        if decision is not None and gpu_ms is not None:
-            self.counters.record_prefill_step(decision, gpu_ms)
+        lane, self._lane = self._lane, None
+        if lane is not None and gpu_ms is not None:
+            self.counters.record_prefill_step(lane.decision, gpu_ms)
 
     def lm_step_timed(self, decision: Allocation | None, gpu_ms: float) -> None:
         """A step's GPU time, once its events completed (possibly a few steps after it was collected)."""

@@ -67,6 +67,10 @@ class SMAllocator:
     def encoder_batch_ms(self, sms, patches) -> np.ndarray:
         return self.curves.encoder_ms(sms, patches) + self.config.encoder_batch_overhead_ms
 
+    def prefill_curve_ms(self, sms, tokens) -> np.ndarray:
+        """A prefill-only step of `tokens` on `sms` SMs, on the bare curve (no learned scale, no overhead)."""
+        return self._prefill_section(np.asarray(sms, dtype=np.float64), np.asarray(tokens, dtype=np.float64))
+
     def chunk_within(self, sms, cap, situation: Situation, budget_ms: float) -> np.ndarray:
         """Per (LM side, cap): the largest prefill chunk <= cap whose step with the running decodes stays within
         `budget_ms`; -1 where even the decodes alone exceed it. Without decodes: the cap."""

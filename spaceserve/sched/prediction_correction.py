@@ -23,7 +23,9 @@ a 7B model), where the allocator added a fixed 1 ms. `HostTimeCorrection` learns
 the GPU time of the step that ended it (and less what the decodes had already waited when the step was decided,
 which the allocator's prediction counts on its own), clipped to [0, high_ms], as an exponentially weighted mean;
 the allocator adds it to every predicted step in place of the fixed overhead when it is the larger
-(`AllocatorState.lm_step_host_ms`).
+(`AllocatorState.lm_step_host_ms`). Measured afterwards (commit 3276a93, docs/PERFORMANCE.md) it learned 0.3-2.5 ms
+on 2B and 7B at every rate: the host work mostly overlaps the GPU step, and the decode gap's remaining 1.3-2.6x is
+not host time.
 """
 
 from __future__ import annotations

@@ -209,3 +209,32 @@ def test_on_the_gpu_lane_steps_run_beside_decode_steps_and_the_tokens_stay_times
         assert counters["allocator_prefill_step_count"] > 0  # the lane's steps timed on the device
     finally:
         engine.shutdown()
+
+
+def test_a_lane_step_holds_its_split_in_the_allocators_view_and_is_timed_against_its_tokens():
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
+    try:
+        _space_with_lane(engine, force=False)
+        allocation = engine.core.allocation
+        decision = dataclasses.replace(allocation.decide(engine.core.scheduler, engine.core.encoder_stage.scheduler),
+                                       placement=Placement.PREFILL_SPLIT, prefill_sms=64, prefill_tokens=4096)
+        allocation.prefill_dispatched(decision, 64, frozenset({"lane-request"}), 640)
+        seen = []
+        real_decide = allocation.allocator.decide
+        allocation.allocator.decide = lambda state: seen.append(state) or real_decide(state)
+        allocation.decide(engine.core.scheduler, engine.core.encoder_stage.scheduler)  # nothing queued: still weighed
+        in_flight = seen[0].encoder_in_flight
+        assert in_flight is not None and in_flight.encoder_sms == 64 and "lane-request" in in_flight.request_ids
+        allocation.prefill_finished(7.5)
+        counters = engine.loop_counters()
+        curve_ms = float(allocation.allocator.prefill_curve_ms(64, 640))
+        assert counters["allocator_prefill_step_count"] == 1
+        assert counters["allocator_prefill_step_predicted_s"] == pytest.approx(curve_ms / 1e3)  # factor 1: unlearned
+        assert counters["allocator_prefill_step_actual_s"] == pytest.approx(7.5e-3)
+        assert curve_ms > float(allocation.allocator.prefill_curve_ms(64, 64)) > 0
+        allocation.allocator.decide = real_decide
+        allocation.decide(engine.core.scheduler, engine.core.encoder_stage.scheduler)  # the lane's split is free again
+        allocation.prefill_finished(None)  # nothing in flight: nothing counted
+        assert engine.loop_counters()["allocator_prefill_step_count"] == 1
+    finally:
+        engine.shutdown()

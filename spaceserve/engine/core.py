@@ -167,6 +167,8 @@ class EngineCore:
             if lane is not None:
                 lane.start(decision, self.scheduler, stage, self.allocation, self.model_runner.stream)
             scheduled = self.scheduler.schedule(decode_lane_prefill_budget(decision))
+            if lane is not None:
+                lane.forget_blocks(scheduled.preempted_request_ids)
         lm_idle = scheduled.is_empty and self._in_flight is None
         stage.dispatch(lm_idle=lm_idle, num_running=self.scheduler.num_running, allocation=decision)
         launched = self._launch(scheduled, decision) if not scheduled.is_empty else None

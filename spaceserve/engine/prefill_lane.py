@@ -17,10 +17,9 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from spaceserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from spaceserve.runtime.model_runner import ModelRunner, StepHandle
@@ -59,9 +58,6 @@ def decode_lane_prefill_budget(decision: Allocation | None) -> int | None:
 class LaneStep:
     scheduled: SchedulerOutput
     handle: StepHandle
-    partition: SMPartition
-    decision: Allocation | None
-    launched_at: float
 
     @property
     def request_ids(self) -> frozenset[str]:
@@ -115,7 +111,7 @@ class PrefillLane:
         if scheduled.is_empty:
             return False
         stage.hold_split(partition)
-        step = self.launch(scheduled, partition, stage.embeddings, (lm_stream, partition.encoder_stream), decision)
+        step = self.launch(scheduled, partition, stage.embeddings, (lm_stream, partition.encoder_stream))
         if allocation is not None:
             allocation.prefill_dispatched(decision, partition.encoder_sms, step.request_ids,
                                           scheduled.num_batched_tokens)
@@ -144,7 +140,6 @@ class PrefillLane:
         partition: SMPartition,
         embeddings: Mapping[str, torch.Tensor],
         after: Iterable[torch.cuda.Stream | None],
-        decision: Allocation | None = None,
     ) -> LaneStep:
         """Run `scheduled` (prefill chunks only) on the partition's prefill stream, behind the work queued on the
         streams in `after`."""
@@ -157,22 +152,20 @@ class PrefillLane:
                     stream.wait_stream(other)
             self.runner.use_stream(stream)
         handle = self.runner.launch(scheduled, embeddings)
-        self.in_flight = LaneStep(scheduled, handle, partition, decision, time.monotonic())
+        self.in_flight = LaneStep(scheduled, handle)
         self.num_steps += 1
         self.num_tokens += scheduled.num_batched_tokens
         return self.in_flight
 
-    def take_finished(self, wait: bool = False) -> tuple[LaneStep, ModelRunnerOutput] | None:
-        """The step in flight with its sampled tokens once it has ended on the device (`wait`: block until then);
-        None while it runs or when there is none."""
+    def take_finished(self) -> tuple[LaneStep, ModelRunnerOutput] | None:
+        """The step in flight with its sampled tokens once it has ended on the device; None while it runs or when
+        there is none."""
         step = self.in_flight
         if step is None:
             return None
         end = step.end_event
-        if end is not None:
-            if not wait and not end.query():
-                return None
-            end.synchronize()
+        if end is not None and not end.query():
+            return None
         output = self.runner.collect(step.handle)
         self.in_flight = None
         self._fence = None  # the step is done: nothing left to wait for
@@ -203,6 +196,12 @@ class PrefillLane:
 
     def release(self, request_id: str) -> None:
         self.runner.release(request_id)
+
+    def forget_blocks(self, request_ids: Iterable[str]) -> None:
+        """Requests the decode lane preempted: the lane's runner rebuilds their block-table rows when it next sees
+        them (blocks handed back in another order could pass its cheap staleness check)."""
+        for request_id in request_ids:
+            self.runner.input_batch.forget_blocks(request_id)
 
     def counters(self) -> dict[str, float]:
         return {"prefill_lane_steps": self.num_steps, "prefill_lane_tokens": self.num_tokens,

@@ -87,6 +87,43 @@ def test_prefill_steps_in_the_lane_give_times_tokens(params):
         engine.shutdown()
 
 
+def test_preemption_under_kv_pressure_with_the_lane_keeps_times_tokens_and_leaks_nothing():
+    prompts = _mixed_prompts(seed=34, count=16)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tight = dict(KWARGS, max_model_len=512, num_gpu_blocks_override=48, encoder_cache_tokens=400)
+    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **tight).llm_engine, prompts, params)
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **tight).llm_engine
+    try:
+        _space_with_lane(engine)
+        core = engine.core
+        real_schedule, stale = core.scheduler.schedule, []
+
+        def schedule(budget):
+            out = real_schedule(budget)
+            # the lane schedules before the decode lane in a step: none of these can be the lane's again yet
+            core.step_checks.append(out.preempted_request_ids)
+            return out
+
+        core.step_checks = []
+        core.scheduler.schedule = schedule
+        real_step = core.step
+
+        def step():
+            outputs = real_step()
+            for preempted in core.step_checks:
+                stale.extend(r for r in preempted if r in core.prefill_lane.runner.input_batch._requests)
+            core.step_checks.clear()
+            return outputs
+
+        core.step = step
+        assert _generate_staggered(engine, prompts, params, every=1) == expected
+        engine.check_idle_integrity()
+        assert core.scheduler.num_preemptions > 0 and engine.loop_counters()["prefill_lane_steps"] > 0
+        assert stale == []  # the lane's runner forgot the blocks of every request the decode lane preempted
+    finally:
+        engine.shutdown()
+
+
 def test_the_allocator_is_told_it_may_choose_the_lane():
     engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
     try:
@@ -169,7 +206,7 @@ def test_lm_steps_wait_on_the_device_for_a_lane_step_whose_request_finished():
     end = _Event(done=False)
     seq = type("Seq", (), {"request": type("Req", (), {"request_id": "r"})()})()
     scheduled = type("Out", (), {"sequences": (seq,)})()
-    lane.in_flight = LaneStep(scheduled, _Handle(end), None, None, 0.0)
+    lane.in_flight = LaneStep(scheduled, _Handle(end))
     stream = _Stream()
     lane.fence_finished(["other"])
     lane.order_after_fence(stream)

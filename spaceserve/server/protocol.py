@@ -83,6 +83,21 @@ _UNSUPPORTED = {
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
+    # vLLM's extensions that change what is sampled or returned: refused, never silently ignored
+    "min_p": (None, 0, 0.0),
+    "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "logits_processors": (None, []),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "priority": (None, 0),
 }
 
 

@@ -87,6 +87,10 @@ CHAT_CASES = {
         chat("hi", response_format={"type": "json_object"}), 400, "BadRequestError", "structured output"
     ),
     "tools": (chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "BadRequestError", "tools"),
+    "min_p": (chat("hi", min_p=0.1), 400, "BadRequestError", "'min_p' is not supported"),
+    "guided_json": (chat("hi", guided_json={"type": "object"}), 400, "BadRequestError", "'guided_json' is not supported"),
+    "priority": (chat("hi", priority=3), 400, "BadRequestError", "'priority' is not supported"),
+    "use_beam_search": (chat("hi", use_beam_search=True), 400, "BadRequestError", "'use_beam_search' is not supported"),
     "image data URL over the size cap": (
         chat([image_part("data:image/png;base64," + "A" * (28 << 20))]), 400, "BadRequestError", "limit of"
     ),
@@ -99,6 +103,8 @@ COMPLETION_CASES = {
     "token id out of vocab": ({"model": SERVED_NAME, "prompt": [1, 2, 99999]}, "99999"),
     "empty prompt": ({"model": SERVED_NAME, "prompt": ""}, "empty"),
     "echo": ({"model": SERVED_NAME, "prompt": "x", "echo": True}, "echo"),
+    "prompt_logprobs": ({"model": SERVED_NAME, "prompt": "x", "prompt_logprobs": 2}, "'prompt_logprobs' is not supported"),
+    "allowed_token_ids": ({"model": SERVED_NAME, "prompt": "x", "allowed_token_ids": [1, 2]}, "allowed_token_ids"),
 }
 
 

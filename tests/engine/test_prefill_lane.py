@@ -124,6 +124,34 @@ def test_preemption_under_kv_pressure_with_the_lane_keeps_times_tokens_and_leaks
         engine.shutdown()
 
 
+def test_videos_chunked_through_the_lane_keep_times_tokens():
+    import io
+
+    from spaceserve.multimodal.video.synthetic import make_clip
+
+    clips = []
+    for seed in (3, 4):
+        buffer = io.BytesIO()
+        make_clip(buffer, width=64, height=48, seconds=2, fps=10, gop=10, seed=seed)
+        clips.append(buffer.getvalue())
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    prompts = [*_mixed_prompts(seed=35, count=6)[:3],
+               *({"prompt": f"{video} what happens, clip {i}?", "multi_modal_data": {"video": clip}}
+                 for i, clip in enumerate(clips)),
+               *_mixed_prompts(seed=35, count=6)[3:]]
+    kwargs = dict(KWARGS, mm_processor_kwargs={"min_pixels": 3136, "max_pixels": 28 * 28 * 16}, video_chunk_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **kwargs).llm_engine, prompts, params)
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **kwargs).llm_engine
+    try:
+        _space_with_lane(engine)
+        assert _generate_staggered(engine, prompts, params) == expected
+        engine.check_idle_integrity()
+        assert engine.loop_counters()["prefill_lane_steps"] > 0
+    finally:
+        engine.shutdown()
+
+
 def test_the_allocator_is_told_it_may_choose_the_lane():
     engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
     try:

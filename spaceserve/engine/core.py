@@ -345,7 +345,8 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_cache_stats.queries,
             prefix_cache_hits=kv.prefix_cache_stats.hits,
-            allocator=[] if self.allocation is None else self.allocation.counters.prometheus_samples(),
+            allocator=[*([] if self.allocation is None else self.allocation.prometheus_samples()),
+                       *([] if self.prefill_lane is None else self.prefill_lane.prometheus_samples())],
         )
 
     def loop_counters(self) -> dict[str, float]:

@@ -203,6 +203,10 @@ class PrefillLane:
         for request_id in request_ids:
             self.runner.input_batch.forget_blocks(request_id)
 
+    def prometheus_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        return [("spaceserve:prefill_lane_steps_total", {}, float(self.num_steps)),
+                ("spaceserve:prefill_lane_tokens_total", {}, float(self.num_tokens))]
+
     def counters(self) -> dict[str, float]:
         return {"prefill_lane_steps": self.num_steps, "prefill_lane_tokens": self.num_tokens,
                 "prefill_lane_lm_steps_beside": self.num_lm_steps_beside}

@@ -185,6 +185,14 @@ class SMAllocation:
         while len(self._unpaired) > self.MAX_UNPAIRED_STEPS:
             self._unpaired.popitem(last=False)
 
+    def prometheus_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """The counters' samples for /metrics, and the host time learned from the decode gaps (counters: a window's
+        mean excess per gap is the ratio of their rates)."""
+        host = self.lm_step_host
+        return [*self.counters.prometheus_samples(),
+                ("spaceserve:allocator_lm_step_host_gaps_total", {}, float(host.samples)),
+                ("spaceserve:allocator_lm_step_host_excess_seconds_total", {}, host.total_excess_ms / 1e3)]
+
     def as_dict(self) -> dict[str, float]:
         """The counters' totals, and the host time per step: `allocator_lm_step_host_ms` is the value learned now
         (0.0 until learned; not a total), `_count` and `_excess_s` the gaps learned from and their summed excess."""

@@ -81,6 +81,10 @@ def test_prefill_steps_in_the_lane_give_times_tokens(params):
         counters = engine.loop_counters()
         assert counters["prefill_lane_steps"] > 0 and counters["prefill_lane_tokens"] > 0
         assert counters["allocator_prefill_split_decisions"] > 0
+        metrics = {name: value for name, labels, value in engine.core.stats().allocator if not labels}
+        assert metrics["spaceserve:prefill_lane_steps_total"] == counters["prefill_lane_steps"]
+        assert metrics["spaceserve:prefill_lane_tokens_total"] == counters["prefill_lane_tokens"]
+        assert metrics["spaceserve:allocator_lm_step_host_gaps_total"] == 0  # no GPU times on the CPU
         assert counters["allocator_prefill_step_count"] == 0  # no CUDA events on the CPU: no measured GPU time
         assert engine.core.scheduler.in_prefill_lane == set()
     finally:

@@ -65,9 +65,7 @@ class EngineCore:
         self.encoder_stage = EncoderStage(
             config.encoder, self.device, self.layout, self.executor.encoder_runner, worker=self.executor.encoder_worker
         )
-        self.scheduler = Scheduler(
-            config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler
-        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler)
         self.encoder_stage.bind_requests(self.scheduler.requests)
         # decoder sessions opened and warmed now, kept for the engine's lifetime; each video is decoded GOP-parallel
         # across the free ones and handed to the encoder chunk by chunk (video_jobs.py)
@@ -345,8 +343,8 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_cache_stats.queries,
             prefix_cache_hits=kv.prefix_cache_stats.hits,
-            allocator=[*([] if self.allocation is None else self.allocation.prometheus_samples()),
-                       *([] if self.prefill_lane is None else self.prefill_lane.prometheus_samples())],
+            allocator=[sample for owner in (self.allocation, self.prefill_lane) if owner is not None
+                       for sample in owner.prometheus_samples()],
         )
 
     def loop_counters(self) -> dict[str, float]:

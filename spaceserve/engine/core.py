@@ -65,7 +65,8 @@ class EngineCore:
         self.encoder_stage = EncoderStage(
             config.encoder, self.device, self.layout, self.executor.encoder_runner, worker=self.executor.encoder_worker
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_stage.cache, self.encoder_stage.scheduler)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.encoder_stage.cache,
+                                   self.encoder_stage.scheduler)
         self.encoder_stage.bind_requests(self.scheduler.requests)
         # decoder sessions opened and warmed now, kept for the engine's lifetime; each video is decoded GOP-parallel
         # across the free ones and handed to the encoder chunk by chunk (video_jobs.py)

@@ -58,10 +58,7 @@ def decode_lane_prefill_budget(decision: Allocation | None) -> int | None:
 class LaneStep:
     scheduled: SchedulerOutput
     handle: StepHandle
-
-    @property
-    def request_ids(self) -> frozenset[str]:
-        return frozenset(seq.request.request_id for seq in self.scheduled.sequences)
+    request_ids: frozenset[str]
 
     @property
     def end_event(self) -> torch.cuda.Event | None:
@@ -113,8 +110,7 @@ class PrefillLane:
         stage.hold_split(partition)
         step = self.launch(scheduled, partition, stage.embeddings, (lm_stream, partition.encoder_stream))
         if allocation is not None:
-            allocation.prefill_dispatched(decision, partition.encoder_sms, step.request_ids,
-                                          scheduled.num_batched_tokens)
+            allocation.prefill_dispatched(partition.encoder_sms, step.request_ids, scheduled.num_batched_tokens)
         return True
 
     def finish(
@@ -152,7 +148,7 @@ class PrefillLane:
                     stream.wait_stream(other)
             self.runner.use_stream(stream)
         handle = self.runner.launch(scheduled, embeddings)
-        self.in_flight = LaneStep(scheduled, handle)
+        self.in_flight = LaneStep(scheduled, handle, frozenset(seq.request.request_id for seq in scheduled.sequences))
         self.num_steps += 1
         self.num_tokens += scheduled.num_batched_tokens
         return self.in_flight

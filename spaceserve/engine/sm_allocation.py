@@ -37,10 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _BatchInFlight:
+    """Work holding a split: an encoder batch (its decision carries the prediction), or the prefill lane's step."""
+
     encoder_sms: int
     ends_at: float
     request_ids: frozenset[str]
-    decision: Allocation
+    decision: Allocation | None = None
+    predicted_ms: float | None = None
+    """The lane's step: its predicted GPU time."""
 
 
 @dataclass
@@ -130,20 +134,18 @@ class SMAllocation:
         self.config = replace(self.config, prefill_split=True)
         self.allocator.config = self.config
 
-    def prefill_dispatched(self, decision: Allocation, encoder_sms: int, request_ids: frozenset[str],
-                           num_tokens: int) -> None:
+    def prefill_dispatched(self, encoder_sms: int, request_ids: frozenset[str], num_tokens: int) -> None:
         """A lane step of `num_tokens` launched on the encoder's `encoder_sms`. Its prediction is the curve's for
         those tokens (the decision's was for the whole backlog's chunk), scaled as the LM's steps beside the encoder."""
-        curve_ms = float(self.allocator.prefill_curve_ms(encoder_sms, num_tokens))
-        predicted = replace(decision, predicted_prefill_step_ms=curve_ms * self.lm_step_split.factor)
-        ends_at = time.monotonic() + predicted.predicted_prefill_step_ms / 1e3
-        self._lane = _BatchInFlight(encoder_sms, ends_at, request_ids, predicted)
+        predicted_ms = float(self.allocator.prefill_curve_ms(encoder_sms, num_tokens)) * self.lm_step_split.factor
+        ends_at = time.monotonic() + predicted_ms / 1e3
+        self._lane = _BatchInFlight(encoder_sms, ends_at, request_ids, predicted_ms=predicted_ms)
 
     def prefill_finished(self, gpu_ms: float | None) -> None:
         """The lane's step ended; `gpu_ms`: its GPU time (None off CUDA)."""
         lane, self._lane = self._lane, None
         if lane is not None and gpu_ms is not None:
-            self.counters.record_prefill_step(lane.decision, gpu_ms)
+            self.counters.record_prefill_step(lane.predicted_ms, gpu_ms)
 
     def lm_step_timed(self, decision: Allocation | None, gpu_ms: float) -> None:
         """A step's GPU time, once its events completed (possibly a few steps after it was collected)."""

@@ -64,9 +64,9 @@ class AllocatorCounters:
         if decision.predicted_encoder_batch_ms is not None:
             self.predictions["encoder_batch"].add(decision.predicted_encoder_batch_ms, actual_ms)
 
-    def record_prefill_step(self, decision: Allocation, actual_ms: float) -> None:
-        if decision.predicted_prefill_step_ms is not None:
-            self.predictions["prefill_step"].add(decision.predicted_prefill_step_ms, actual_ms)
+    def record_prefill_step(self, predicted_ms: float, actual_ms: float) -> None:
+        """The prefill lane's step (its prediction is made for the tokens it took, not by the decision)."""
+        self.predictions["prefill_step"].add(predicted_ms, actual_ms)
 
     def record_decode_gap(self, decision: Allocation, actual_ms: float, slo_tpot_ms: float) -> None:
         if decision.predicted_decode_gap_ms is not None:

@@ -5,6 +5,7 @@ GPU: lane steps on the encoder's side of a real split, beside decode steps, with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -52,6 +53,25 @@ def _force_prefill_split(core) -> None:
     core.allocation.decide = prefer_the_lane
 
 
+def _times_tokens(prompts, params, **kwargs) -> list[list[int]]:
+    engine = make_llm("tiny-qwen2-vl", multiplex="time", **{**KWARGS, **kwargs}).llm_engine
+    try:
+        return _generate(engine, prompts, params)
+    finally:
+        engine.shutdown()
+
+
+@contextlib.contextmanager
+def _lane_engine(force: bool = True, **kwargs):
+    """A CPU engine in space's shape with a prefill lane (`_space_with_lane`), shut down afterwards."""
+    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **{**KWARGS, **kwargs}).llm_engine
+    try:
+        _space_with_lane(engine, force)
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 def _generate_staggered(engine, prompts, params, every: int = 2) -> list[list[int]]:
     """Add a request every `every` steps, so that requests arrive while others decode."""
     pending = list(enumerate(prompts))
@@ -72,10 +92,8 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=8, ign
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_prefill_steps_in_the_lane_give_times_tokens(params):
     prompts = _mixed_prompts(seed=31, count=12)
-    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **KWARGS).llm_engine, prompts, params)
-    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
-    try:
-        _space_with_lane(engine)
+    expected = _times_tokens(prompts, params)
+    with _lane_engine() as engine:
         assert _generate_staggered(engine, prompts, params) == expected
         engine.check_idle_integrity()
         counters = engine.loop_counters()
@@ -87,18 +105,14 @@ def test_prefill_steps_in_the_lane_give_times_tokens(params):
         assert metrics["spaceserve:allocator_lm_step_host_gaps_total"] == 0  # no GPU times on the CPU
         assert counters["allocator_prefill_step_count"] == 0  # no CUDA events on the CPU: no measured GPU time
         assert engine.core.scheduler.in_prefill_lane == set()
-    finally:
-        engine.shutdown()
 
 
 def test_preemption_under_kv_pressure_with_the_lane_keeps_times_tokens_and_leaks_nothing():
     prompts = _mixed_prompts(seed=34, count=16)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    tight = dict(KWARGS, max_model_len=512, num_gpu_blocks_override=48, encoder_cache_tokens=400)
-    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **tight).llm_engine, prompts, params)
-    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **tight).llm_engine
-    try:
-        _space_with_lane(engine)
+    tight = dict(max_model_len=512, num_gpu_blocks_override=48, encoder_cache_tokens=400)
+    expected = _times_tokens(prompts, params, **tight)
+    with _lane_engine(**tight) as engine:
         core = engine.core
         real_schedule, stale = core.scheduler.schedule, []
 
@@ -124,8 +138,6 @@ def test_preemption_under_kv_pressure_with_the_lane_keeps_times_tokens_and_leaks
         engine.check_idle_integrity()
         assert core.scheduler.num_preemptions > 0 and engine.loop_counters()["prefill_lane_steps"] > 0
         assert stale == []  # the lane's runner forgot the blocks of every request the decode lane preempted
-    finally:
-        engine.shutdown()
 
 
 def test_videos_chunked_through_the_lane_keep_times_tokens():
@@ -143,17 +155,13 @@ def test_videos_chunked_through_the_lane_keep_times_tokens():
                *({"prompt": f"{video} what happens, clip {i}?", "multi_modal_data": {"video": clip}}
                  for i, clip in enumerate(clips)),
                *_mixed_prompts(seed=35, count=6)[3:]]
-    kwargs = dict(KWARGS, mm_processor_kwargs={"min_pixels": 3136, "max_pixels": 28 * 28 * 16}, video_chunk_tokens=16)
+    kwargs = dict(mm_processor_kwargs={"min_pixels": 3136, "max_pixels": 28 * 28 * 16}, video_chunk_tokens=16)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **kwargs).llm_engine, prompts, params)
-    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **kwargs).llm_engine
-    try:
-        _space_with_lane(engine)
+    expected = _times_tokens(prompts, params, **kwargs)
+    with _lane_engine(**kwargs) as engine:
         assert _generate_staggered(engine, prompts, params) == expected
         engine.check_idle_integrity()
         assert engine.loop_counters()["prefill_lane_steps"] > 0
-    finally:
-        engine.shutdown()
 
 
 def test_the_allocator_is_told_it_may_choose_the_lane():
@@ -166,17 +174,14 @@ def test_the_allocator_is_told_it_may_choose_the_lane():
         assert engine.core.describe()["prefill_split"]
         prompts = _mixed_prompts(seed=32, count=8)
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-        expected = _generate(make_llm("tiny-qwen2-vl", multiplex="time", **KWARGS).llm_engine, prompts, params)
-        assert _generate_staggered(engine, prompts, params) == expected
+        assert _generate_staggered(engine, prompts, params) == _times_tokens(prompts, params)
         engine.check_idle_integrity()
     finally:
         engine.shutdown()
 
 
 def test_an_abort_while_the_lane_step_is_in_flight_leaks_nothing():
-    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
-    try:
-        _space_with_lane(engine)
+    with _lane_engine() as engine:
         core = engine.core
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         engine.add_request("the first request decodes for a while", params, "first")
@@ -194,8 +199,6 @@ def test_an_abort_while_the_lane_step_is_in_flight_leaks_nothing():
         assert len(outputs["first"].outputs[0].token_ids) == 12
         engine.check_idle_integrity()
         assert core.prefill_lane.in_flight is None
-    finally:
-        engine.shutdown()
 
 
 def test_prefill_split_is_refused_with_an_encoder_process():
@@ -238,7 +241,7 @@ def test_lm_steps_wait_on_the_device_for_a_lane_step_whose_request_finished():
     end = _Event(done=False)
     seq = type("Seq", (), {"request": type("Req", (), {"request_id": "r"})()})()
     scheduled = type("Out", (), {"sequences": (seq,)})()
-    lane.in_flight = LaneStep(scheduled, _Handle(end))
+    lane.in_flight = LaneStep(scheduled, _Handle(end), frozenset({"r"}))
     stream = _Stream()
     lane.fence_finished(["other"])
     lane.order_after_fence(stream)
@@ -281,13 +284,9 @@ def test_on_the_gpu_lane_steps_run_beside_decode_steps_and_the_tokens_stay_times
 
 
 def test_a_lane_step_holds_its_split_in_the_allocators_view_and_is_timed_against_its_tokens():
-    engine = make_llm("tiny-qwen2-vl", multiplex="streams", **KWARGS).llm_engine
-    try:
-        _space_with_lane(engine, force=False)
+    with _lane_engine(force=False) as engine:
         allocation = engine.core.allocation
-        decision = dataclasses.replace(allocation.decide(engine.core.scheduler, engine.core.encoder_stage.scheduler),
-                                       placement=Placement.PREFILL_SPLIT, prefill_sms=64, prefill_tokens=4096)
-        allocation.prefill_dispatched(decision, 64, frozenset({"lane-request"}), 640)
+        allocation.prefill_dispatched(64, frozenset({"lane-request"}), 640)
         seen = []
         real_decide = allocation.allocator.decide
         allocation.allocator.decide = lambda state: seen.append(state) or real_decide(state)
@@ -305,5 +304,3 @@ def test_a_lane_step_holds_its_split_in_the_allocators_view_and_is_timed_against
         allocation.decide(engine.core.scheduler, engine.core.encoder_stage.scheduler)  # the lane's split is free again
         allocation.prefill_finished(None)  # nothing in flight: nothing counted
         assert engine.loop_counters()["allocator_prefill_step_count"] == 1
-    finally:
-        engine.shutdown()

@@ -119,6 +119,8 @@ def build_runners(
             "captured vision CUDA graphs for %d patch buckets (%d..%d) on %d stream(s), %.2f GiB",
             len(buckets), buckets[0], buckets[-1], len(encoder_streams), vision_graphs.total_memory_bytes / (1 << 30),
         )  # fmt: skip
+    # with the prefill lane, each split's prefill stream may hold an LM step's activations too
+    prefill_streams = len(layout.partitions) if config.allocation.enable_prefill_split else 0
     plan = plan_memory(
         config.cache,
         sched,
@@ -127,8 +129,7 @@ def build_runners(
         encoder_cache_bytes=encoder_cache_bytes,
         video_cache_bytes=config.video.cache_bytes if device.type == "cuda" else 0,  # processed videos live there
         profiled=profiled,
-        # with the prefill lane, each split's prefill stream may hold an LM step's activations too
-        lm_streams=max(1, len(layout.lm_streams)) + (len(layout.partitions) * config.allocation.enable_prefill_split),
+        lm_streams=max(1, len(layout.lm_streams)) + prefill_streams,
         encoder_streams=layout.num_encoder_streams,
         vision_graph_bytes=vision_graphs.total_memory_bytes if vision_graphs is not None else 0,
         encoder_runs_eagerly=encoder_runs_eagerly(config, vision_graphs),

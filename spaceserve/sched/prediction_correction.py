@@ -34,6 +34,11 @@ import math
 from dataclasses import dataclass
 
 
+def _newest_weight(weight: float, samples: int) -> float:
+    """The first samples make a plain mean; afterwards each moves the mean by `weight`."""
+    return max(weight, 1.0 / (samples + 1))
+
+
 @dataclass
 class StepTimeCorrection:
     weight: float = 0.05
@@ -53,8 +58,7 @@ class StepTimeCorrection:
         if not (curve_ms > 0 and measured_ms > 0 and math.isfinite(curve_ms) and math.isfinite(measured_ms)):
             return  # nothing predicted, or a step with no GPU time: no evidence either way
         measured_ms = min(self.high * curve_ms, max(self.low * curve_ms, measured_ms))
-        # the first steps make a plain mean; afterwards each moves the means by `weight`
-        weight = max(self.weight, 1.0 / (self.samples + 1))
+        weight = _newest_weight(self.weight, self.samples)
         self._curve_ms += weight * (curve_ms - self._curve_ms)
         self._measured_ms += weight * (measured_ms - self._measured_ms)
         self.samples += 1
@@ -88,8 +92,7 @@ class HostTimeCorrection:
                 and math.isfinite(gap_ms) and math.isfinite(step_gpu_ms) and math.isfinite(stalled_ms)):
             return
         excess_ms = min(self.high_ms, max(0.0, gap_ms - stalled_ms - step_gpu_ms))
-        weight = max(self.weight, 1.0 / (self.samples + 1))
-        self._mean_ms += weight * (excess_ms - self._mean_ms)
+        self._mean_ms += _newest_weight(self.weight, self.samples) * (excess_ms - self._mean_ms)
         self.total_excess_ms += excess_ms
         self.samples += 1
 

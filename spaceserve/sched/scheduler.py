@@ -126,10 +126,7 @@ class Scheduler:
 
         if not preempted:
             self._admit_waiting(min(budget, prefill_left), scheduled)
-        for seq in scheduled:
-            seq.request.num_computed_tokens = seq.end
-            if seq.samples:
-                seq.request.num_output_placeholders += 1
+        self._advance(scheduled)
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
     def schedule_prefill_lane(self, max_tokens: int) -> SchedulerOutput:
@@ -155,12 +152,18 @@ class Scheduler:
             scheduled.append(self._scheduled(request, start, num_new))
             budget -= num_new
         self._admit_waiting(budget, scheduled)
+        self._advance(scheduled)
+        self.in_prefill_lane.update(seq.request.request_id for seq in scheduled)
+        return SchedulerOutput(tuple(scheduled))
+
+    @staticmethod
+    def _advance(scheduled: list[ScheduledSequence]) -> None:
+        """Count the scheduled tokens as computed, and a sampling chunk's token as a placeholder (overlapped
+        scheduling: the next step may be scheduled before this one's results)."""
         for seq in scheduled:
             seq.request.num_computed_tokens = seq.end
             if seq.samples:
                 seq.request.num_output_placeholders += 1
-            self.in_prefill_lane.add(seq.request.request_id)
-        return SchedulerOutput(tuple(scheduled))
 
     def release_prefill_lane(self, scheduled: SchedulerOutput) -> None:
         """The lane's step has finished on the device: its requests may be scheduled by either lane again."""

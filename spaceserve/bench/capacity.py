@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spaceserve.bench.metrics import SLO
+from spaceserve.config import AllocationConfig
 
 ATTAINMENT_THRESHOLD = 0.9
 
@@ -29,9 +30,6 @@ def geometric_rates(lowest: float, highest: float, step: float = 1.15) -> list[f
         rate = math.floor(round(rates[-1] * step * 100, 6)) / 100
         rates.append(rate if rate > rates[-1] else rates[-1] + 0.01)
     return rates
-
-
-DEFAULT_ENGINE_SLO_TPOT_MS = 50.0
 
 
 def series_name(row: dict[str, Any]) -> str:
@@ -48,7 +46,7 @@ def series_name(row: dict[str, Any]) -> str:
         if engine_args.get("enable_prefill_split"):
             mode += "-prefill-split"
         tpot = engine_args.get("slo_tpot_ms")
-        if tpot is not None and float(tpot) != DEFAULT_ENGINE_SLO_TPOT_MS:
+        if tpot is not None and float(tpot) != AllocationConfig.slo_tpot_ms:
             mode += f"@tpot{float(tpot):g}"
     return f"{mode}/{row['encoder_policy']}"
 

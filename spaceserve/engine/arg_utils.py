@@ -89,8 +89,8 @@ class EngineArgs:
         None, "space: resource-utility curves written by `spaceserve profile` (default: profile a small grid at "
         "start-up)"
     )
-    slo_tpot_ms: float = cli_field(50.0, "TPOT the SM allocator keeps decodes within")
-    slo_ttft_ms: float = cli_field(2000.0, "TTFT the SM allocator aims for")
+    slo_tpot_ms: float = cli_field(AllocationConfig.slo_tpot_ms, "TPOT the SM allocator keeps decodes within")
+    slo_ttft_ms: float = cli_field(AllocationConfig.slo_ttft_ms, "TTFT the SM allocator aims for")
     enable_prefill_split: bool = cli_field(
         False, "space: let the SM allocator run prefill steps on the encoder's side of a split, beside decode-only "
         "steps on the other side (SGLang's PD multiplexing with the encoder on the prefill side)"
